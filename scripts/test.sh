@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README.md's test command: sets up .venv with the test extras and runs the whole suite.
+# .ci/run calls exactly this script on a clean clone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh worker,test
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"

@@ -1,0 +1,389 @@
+"""`seamless`: every step runnable by hand, and the entry point inside pods and local Airflow tasks.
+
+Each subcommand validates its inputs before writing anything, logs progress lines (or shows a bar on
+a terminal), can write a JSON report (--report-json) for the orchestrator, and exits with a code
+that says what went wrong (seamless_core.errors.ExitCode).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import ExitCode, InputError, Interrupted, SeamlessError
+from .geometry import BBox
+
+app = typer.Typer(
+    name="seamless",
+    help="SEAMLeSS alignment steps over CloudVolume layers (file://, gs://, s3://).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+log = logging.getLogger("seamless")
+
+# Options shared by the steps --------------------------------------------------------------------------
+Src = Annotated[str, typer.Option("--src", help="Source layer (file://, gs://, s3:// or a local path).")]
+Dst = Annotated[str, typer.Option("--dst", help="Destination layer; created from the source if missing.")]
+Mip = Annotated[int, typer.Option("--mip", min=0, help="MIP level to work at.")]
+BBoxOpt = Annotated[
+    Optional[str], typer.Option("--bbox", help="Region x0,y0,z0:x1,y1,z1 in voxels at --bbox-mip (default: whole volume).")
+]
+BBoxMip = Annotated[int, typer.Option("--bbox-mip", min=0, help="MIP level the --bbox is given at.")]
+ZOpt = Annotated[Optional[str], typer.Option("--z", help="Section range A:B (B excluded); overrides the z of --bbox.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+Chunk = Annotated[Optional[int], typer.Option("--chunk", min=1, help="Processing chunk edge in pixels (multiple of the storage chunk).")]
+FillMissing = Annotated[bool, typer.Option("--fill-missing", help="Treat missing source chunks as black instead of failing.")]
+Report = Annotated[Optional[Path], typer.Option("--report-json", help="Write the step's figures as JSON here.")]
+
+
+def parse_z(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(f"cannot read section range {text!r}: write it as A:B, e.g. --z 10:20") from None
+    if stop <= start:
+        raise InputError(f"section range {text!r} is empty or reversed: B must be greater than A")
+    return start, stop
+
+
+def resolve_region(bbox: str | None, bbox_mip: int, z: str | None, mip: int, bounds: BBox) -> BBox:
+    """The region to process at `mip`, from --bbox/--bbox-mip/--z and the source bounds."""
+    region = BBox.parse(bbox, bbox_mip).to_mip(mip) if bbox else bounds
+    if z:
+        region = region.with_z(*parse_z(z))
+    return region
+
+
+def _finish(report: Any, report_json: Path | None) -> None:
+    data = report.as_dict()
+    if report_json:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(data, indent=2))
+    typer.echo(json.dumps(data))
+
+
+def _open_bounds(path: str, kind: Any, mip: int) -> BBox:
+    from .volumes import open_layer
+
+    return open_layer(path, kind, role="--src").bounds(mip)
+
+
+# Steps -------------------------------------------------------------------------------------------------
+@app.command()
+def render(
+    src: Src,
+    field: Annotated[str, typer.Option("--field", help="Field layer (pull convention, pixels of its MIP).")],
+    dst: Dst,
+    mip: Mip = 0,
+    field_mip: Annotated[Optional[int], typer.Option("--field-mip", min=0, help="MIP of the field (default --mip); coarser fields are upsampled.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Defect mask layer: masked pixels render black.")] = None,
+    mask_mip: Annotated[Optional[int], typer.Option("--mask-mip", min=0, help="MIP of the mask (default --mip).")] = None,
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    z: ZOpt = None,
+    chunk: Chunk = None,
+    max_reach: Annotated[int, typer.Option("--max-reach", min=1, help="Most pixels a field may pull from beyond a chunk.")] = 4096,
+    device: Device = "cpu",
+    fill_missing: FillMissing = False,
+    report_json: Report = None,
+) -> None:
+    """Warp an image layer through a field layer."""
+    from .steps.render import RenderParams, prepare_render
+    from .steps.render import render as run
+    from .volumes import LayerKind
+
+    params = RenderParams(mip=mip, field_mip=field_mip, mask_mip=mask_mip, chunk_xy=chunk, max_reach=max_reach,
+                          device=device, fill_missing=fill_missing)
+    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, LayerKind.IMAGE, mip)) if (bbox or z) else None
+    layers = prepare_render(src, field, dst, region, params, mask_path=mask)
+    s, f, d, m, r = layers
+    _finish(run(s, f, d, r, params, mask=m), report_json)
+
+
+@app.command()
+def downsample(
+    src: Src,
+    mip: Mip = 0,
+    dst_mip: Annotated[int, typer.Option("--dst-mip", min=1, help="Coarsest MIP to build.")] = 3,
+    kind: Annotated[str, typer.Option("--kind", help="image, mask or field: decides the reduction.")] = "image",
+    mask_rule: Annotated[str, typer.Option("--mask-rule", help="max or mode, for masks.")] = "max",
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    z: ZOpt = None,
+    chunk: Chunk = None,
+    device: Device = "cpu",
+    report_json: Report = None,
+) -> None:
+    """Build MIP levels --mip+1 .. --dst-mip of a layer in place."""
+    from .steps.downsample import DownsampleParams, prepare_downsample
+    from .steps.downsample import downsample as run
+
+    layer_kind = _kind(kind, ("image", "mask", "field"))
+    params = DownsampleParams(src_mip=mip, dst_mip=dst_mip, mask_rule=mask_rule, chunk_xy=chunk, device=device)
+    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, layer_kind, mip)) if (bbox or z) else None
+    layer, region = prepare_downsample(src, layer_kind, region, params)
+    _finish(run(layer, region, params), report_json)
+
+
+@app.command()
+def cpc(
+    src: Src,
+    dst: Dst,
+    mip: Mip = 2,
+    patch: Annotated[int, typer.Option("--patch", help="Window edge in pixels at --mip; one output voxel each.")] = 64,
+    offset: Annotated[int, typer.Option("--offset", help="Compare section z with z - offset.")] = 1,
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    z: ZOpt = None,
+    device: Device = "cpu",
+    fill_missing: FillMissing = False,
+    report_json: Report = None,
+) -> None:
+    """Chunked Pearson correlation of each section with the previous one (quality map + summaries)."""
+    from .steps.cpc import CpcParams, prepare_cpc
+    from .steps.cpc import cpc as run
+    from .volumes import LayerKind
+
+    params = CpcParams(mip=mip, patch=patch, offset=offset, device=device, fill_missing=fill_missing)
+    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, LayerKind.IMAGE, mip)) if (bbox or z) else None
+    s, d, r = prepare_cpc(src, dst, region, params)
+    _finish(run(s, d, r, params), report_json)
+
+
+@app.command()
+def copy(
+    src: Src,
+    dst: Dst,
+    mip: Mip = 0,
+    kind: Annotated[str, typer.Option("--kind", help="image, mask or field.")] = "image",
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    z: ZOpt = None,
+    chunk: Chunk = None,
+    fill_missing: FillMissing = False,
+    report_json: Report = None,
+) -> None:
+    """Copy a region of a layer into another layer of the same kind."""
+    from .steps.copy import CopyParams, copy_layer, prepare_copy
+
+    layer_kind = _kind(kind, ("image", "mask", "field"))
+    params = CopyParams(mip=mip, chunk_xy=chunk, fill_missing=fill_missing)
+    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, layer_kind, mip)) if (bbox or z) else None
+    s, d, r = prepare_copy(src, dst, layer_kind, region, params)
+    _finish(copy_layer(s, d, r, params), report_json)
+
+
+@app.command("convert-field")
+def convert_field(
+    src: Src,
+    dst: Dst,
+    source: Annotated[str, typer.Option("--from", help="corgie (channel 0 is y) or seamless-legacy (MIP-0 pixels).")],
+    mip: Mip = 0,
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    z: ZOpt = None,
+    chunk: Chunk = None,
+    fill_missing: FillMissing = False,
+    report_json: Report = None,
+) -> None:
+    """Convert a corgie or old-SEAMLeSS field layer into this project's field convention."""
+    from .steps.convert_field import ConvertParams, prepare_convert
+    from .steps.convert_field import convert_field as run
+
+    params = ConvertParams(source=source, mip=mip, chunk_xy=chunk, fill_missing=fill_missing)
+    region = None
+    if bbox or z:
+        from .volumes import _fetch_info, normalise_path
+
+        info = _fetch_info(normalise_path(src))
+        if info is None:
+            raise InputError(f"--src: no layer at {src}")
+        scale = info["scales"][mip]
+        region = resolve_region(bbox, bbox_mip, z, mip, BBox.from_size(scale["voxel_offset"], scale["size"], mip))
+    s, d, r = prepare_convert(src, dst, region, params)
+    _finish(run(s, d, r, params), report_json)
+
+
+def load_stages(text: str | None) -> Any:
+    """--stages: a YAML/JSON file, or inline JSON; None gives the default stages."""
+    from .estimators.spec import parse_stages
+
+    if text is None:
+        return parse_stages(None)
+    import yaml
+
+    path = Path(text)
+    try:
+        data = yaml.safe_load(path.read_text()) if path.exists() else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read --stages {text!r}: give a YAML/JSON file or inline JSON ({exc})") from None
+    return parse_stages(data)
+
+
+@app.command("compute-field")
+def compute_field(
+    src: Src,
+    tgt: Annotated[str, typer.Option("--tgt", help="Target image layer (normally the aligned image).")],
+    dst: Annotated[str, typer.Option("--dst", help="Field layer to write (one per target offset).")],
+    z: Annotated[int, typer.Option("--z", help="Source section.")],
+    offset: Annotated[int, typer.Option("--offset", min=1, help="Target section is z - offset.")] = 1,
+    tgt_z: Annotated[Optional[int], typer.Option("--tgt-z", help="Explicit target section (overrides --offset).")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Stage spec: YAML/JSON file or inline JSON (default: block matching at MIP 2, finetuner at MIP 1 and 0).")] = None,
+    src_mask: Annotated[Optional[str], typer.Option("--src-mask", help="Defect mask of the source sections.")] = None,
+    tgt_mask: Annotated[Optional[str], typer.Option("--tgt-mask", help="Defect mask of the target sections.")] = None,
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    chunk: Chunk = None,
+    pad: Annotated[int, typer.Option("--pad", min=0, help="Context pixels per side at each stage's MIP.")] = 64,
+    on_empty_target: Annotated[str, typer.Option("--on-empty-target", help="error, or init (keep the coarser field).")] = "error",
+    device: Device = "cpu",
+    fill_missing: FillMissing = False,
+    report_json: Report = None,
+) -> None:
+    """Field aligning section z onto section z - offset, coarse to fine over the stages."""
+    from .steps.compute_field import ComputeFieldParams, prepare_compute_field
+    from .steps.compute_field import compute_field as run
+
+    params = ComputeFieldParams(stages=load_stages(stages), chunk_xy=chunk, pad=pad, device=device,
+                                fill_missing=fill_missing, on_empty_target=on_empty_target)
+    region = BBox.parse(bbox, bbox_mip).to_mip(0) if bbox else None
+    target_z = z - offset if tgt_z is None else tgt_z
+    s, t, d, r, sm, tm = prepare_compute_field(src, tgt, dst, region, z, target_z, params,
+                                               src_mask_path=src_mask, tgt_mask_path=tgt_mask)
+    _finish(run(s, t, d, r, target_z, params, src_mask=sm, tgt_mask=tm), report_json)
+
+
+@app.command()
+def vote(
+    fields: Annotated[list[str], typer.Option("--field", help="Candidate field layer; repeat, an odd number of times.")],
+    dst: Annotated[str, typer.Option("--dst", help="Voted field layer.")],
+    agreement: Annotated[str, typer.Option("--agreement", help="Quality layer: disagreement of the winning majority, px.")],
+    z: Annotated[int, typer.Option("--z", help="Section to vote.")],
+    mip: Mip = 0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmin temperature, px.")] = 1.0,
+    blur: Annotated[float, typer.Option("--blur", help="Gaussian sigma over which agreement is judged, px.")] = 2.0,
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    chunk: Chunk = None,
+    device: Device = "cpu",
+    report_json: Report = None,
+) -> None:
+    """Vector-vote a section's candidate fields (SEAMLeSS softmin over majority subsets)."""
+    from .steps.vector_vote import VoteParams, prepare_vote, vote_fields
+
+    params = VoteParams(mip=mip, temperature=temperature, blur_sigma=blur, chunk_xy=chunk, device=device)
+    region = BBox.parse(bbox, bbox_mip).to_mip(mip) if bbox else None
+    c, v, a, r = prepare_vote(fields, dst, agreement, region, z, params)
+    _finish(vote_fields(c, v, a, r, params), report_json)
+
+
+# Data and viewing ------------------------------------------------------------------------------------
+@app.command()
+def ingest(
+    images: Annotated[Path, typer.Option("--images", help="Folder of section images named <z>.png.")],
+    dst: Dst,
+    resolution: Annotated[str, typer.Option("--resolution", help="Voxel size in nm, x,y,z.")] = "4,4,50",
+    max_mip: Annotated[int, typer.Option("--max-mip", min=0, help="MIP levels to declare (fill with downsample).")] = 3,
+    chunk: Annotated[int, typer.Option("--chunk", min=16, help="Storage chunk edge (x and y).")] = 256,
+) -> None:
+    """Write a folder of 8-bit section images as a precomputed image layer."""
+    from .ingest import ingest as run
+
+    try:
+        res = tuple(float(v) for v in resolution.split(","))
+    except ValueError:
+        raise InputError(f"cannot read --resolution {resolution!r}: write it as x,y,z in nm, e.g. 4,4,50") from None
+    if len(res) != 3 or min(res) <= 0:
+        raise InputError(f"--resolution {resolution!r} needs three positive numbers x,y,z")
+    layer = run(images, dst, resolution=res, max_mip=max_mip, chunk_xy=chunk)  # type: ignore[arg-type]
+    typer.echo(json.dumps({"layer": layer.path, "bounds": str(layer.bounds(0))}))
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option("--data", help="Folder of the shared sample sections.")] = Path("../shared/data/isbi2012"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's layers.")] = Path("work/demo"),
+    sections: Annotated[Optional[int], typer.Option("--sections", min=2, help="Use only the first N sections.")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Misalign the sample with known fields, render, downsample and score it with CPC."""
+    from .demo import run_demo
+
+    result = run_demo(data, out, sections=sections, device=device)
+    before = [s["median"] for s in result.cpc_original if s["median"] is not None]
+    after = [s["median"] for s in result.cpc_misaligned if s["median"] is not None]
+    typer.echo(f"original layer:   {result.original}")
+    typer.echo(f"misaligned layer: {result.misaligned}  (rendered through {result.field})")
+    typer.echo(f"median CPC of neighbours (MIP 1, 32 px windows): original {sum(before) / len(before):.3f}, "
+               f"misaligned {sum(after) / len(after):.3f}")
+    typer.echo(f"view: run `seamless serve {out}` and open\n{result.link}")
+
+
+@app.command()
+def serve(
+    root: Annotated[Path, typer.Argument(help="Folder holding file:// layers.")],
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 1337,
+) -> None:
+    """Serve local layers to Neuroglancer (with CORS) until Ctrl-C."""
+    from .neuroglancer import serve as run
+
+    if not root.is_dir():
+        raise InputError(f"{root} is not a folder")
+    typer.echo(f"serving {root.resolve()} on http://127.0.0.1:{port} (Ctrl-C stops)")
+    run(str(root), port)
+
+
+@app.command()
+def info(path: Annotated[str, typer.Argument(help="Layer path.")]) -> None:
+    """Print a layer's kind, dtype, MIPs, bounds and field convention."""
+    from .volumes import _fetch_info, normalise_path
+
+    path = normalise_path(path)
+    data = _fetch_info(path)
+    if data is None:
+        raise InputError(f"no layer at {path} (its info file is missing)")
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _kind(name: str, allowed: tuple[str, ...]) -> Any:
+    from .volumes import LayerKind
+
+    if name not in allowed:
+        raise InputError(f"unknown --kind {name!r}: use one of {', '.join(allowed)}")
+    return LayerKind(name)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM (a preempted pod) and Ctrl-C stop the step; atomic writes leave no torn chunk."""
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}; finished chunks are kept, rerun to continue")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one clear line per user error, a traceback only for bugs."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        app(args=argv, standalone_mode=True)  # typer reports usage errors itself, with exit code 2
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else int(ExitCode.USAGE)
+    except SeamlessError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code)
+    except Exception:
+        traceback.print_exc()
+        return int(ExitCode.INTERNAL)
+    return int(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

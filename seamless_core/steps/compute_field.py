@@ -1,0 +1,145 @@
+"""compute_field: the field that aligns section z onto target section z−k, coarse to fine over stages.
+
+Stage by stage (coarsest first), every chunk of the section is processed with `pad` pixels of context:
+its initial field is the coarser stage's field (read back from the destination layer and upsampled with
+unit scaling), its source window is exactly the region that field pulls from, the stage's estimator
+chain refines the field, and the padded border is cropped before writing. Each stage's field is kept
+in the destination layer at its own MIP, so a rerun or a finer stage starts from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import fields
+from ..devices import resolve_device
+from ..errors import InputError
+from ..estimators.base import Pair
+from ..estimators.spec import StagesSpec, build_estimator, parse_stages
+from ..geometry import BBox, crop_xy
+from ..pipeline import run_chunks
+from ..progress import Progress, StepReport
+from ..volumes import Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
+from .common import check_processing_chunk, processing_chunks, read_field, read_mask, to_numpy, to_tensor
+from .render import source_region
+
+ON_EMPTY = ("error", "init")
+
+
+@dataclass(frozen=True)
+class ComputeFieldParams:
+    stages: StagesSpec = field(default_factory=lambda: parse_stages(None))
+    chunk_xy: int | None = None  # processing chunk at each stage's MIP
+    pad: int = 64  # context pixels on each side, at each stage's MIP
+    device: str = "cpu"
+    fill_missing: bool = False
+    on_empty_target: str = "error"  # "init": keep the coarser field (zeros) where the target is empty
+    prefetch: int = 1
+
+
+def normalise_image(data: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Images as float in [0, 1] (uint8 / 255; float32 images are taken as already in [0, 1])."""
+    tensor = to_tensor(data, device)
+    return tensor / 255.0 if data.dtype == np.uint8 else tensor
+
+
+def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, params: ComputeFieldParams, *,
+                  src_mask: Layer | None = None, tgt_mask: Layer | None = None,
+                  progress_interval: float | None = None) -> StepReport:
+    """Write the field aligning source section z = region.start[2] onto section `tgt_z` of `tgt`.
+
+    `region` is given at MIP 0 (one section); `tgt` is normally the already aligned image, and
+    tgt_z = z - k for the k-th vote target.
+    """
+    from ..estimators.multiscale import run_stage
+
+    device = resolve_device(params.device)
+    z = region.start[2]
+    stage_plans = [
+        (stage, processing_chunks(dst, region.to_mip(stage.mip, src.factors), params.chunk_xy))
+        for stage in params.stages.stages
+    ]
+    _check_target(tgt, region.to_mip(params.stages.stages[0].mip, tgt.factors).with_z(tgt_z), params)
+    progress = Progress(f"compute_field z={z}->{tgt_z}", sum(len(c) for _, c in stage_plans), interval=progress_interval)
+    stage_reports = []
+    previous_mip: int | None = None
+    for stage, chunks in stage_plans:
+        estimators = [build_estimator(spec) for spec in stage.estimators]
+
+        def load(chunk: BBox, prev: int | None = previous_mip) -> tuple[Pair, torch.Tensor]:
+            padded = chunk.padded(params.pad)
+            if prev is None:
+                init = fields.identity(padded.size[1], padded.size[0], device=device)
+            else:
+                init = read_field(dst, padded, prev, device)
+            origin = source_region(padded, init)
+            src_image = normalise_image(src.read(origin), device)
+            tgt_image = normalise_image(tgt.read(padded.with_z(tgt_z)), device)
+            pair = Pair(
+                src=src_image,
+                tgt=tgt_image,
+                offset=(padded.start[0] - origin.start[0], padded.start[1] - origin.start[1]),
+                src_defects=read_mask(src_mask, origin, stage.mip, device) if src_mask else None,
+                tgt_defects=read_mask(tgt_mask, padded.with_z(tgt_z), stage.mip, device) if tgt_mask else None,
+            )
+            return pair, init
+
+        def compute(chunk: BBox, loaded: tuple[Pair, torch.Tensor]) -> np.ndarray:
+            pair, init = loaded
+            if not bool(pair.tgt_valid().any()):  # nothing to align to here: keep the coarser field
+                result = init
+            else:
+                result = run_stage(pair, estimators, init)
+            return to_numpy(crop_xy(result, params.pad), "float32")
+
+        run_chunks(chunks, load, compute, dst.write, progress, prefetch=params.prefetch)
+        stage_reports.append({"mip": stage.mip, "chunks": len(chunks),
+                              "estimators": [e.name for e in stage.estimators]})
+        previous_mip = stage.mip
+    report = progress.close()
+    report.details.update({"z": z, "tgt_z": tgt_z, "stages": stage_reports})
+    return report
+
+
+def _check_target(tgt: Layer, coarse: BBox, params: ComputeFieldParams) -> None:
+    """An entirely empty target gives no field: refuse it (or keep the coarser field when asked)."""
+    if params.on_empty_target not in ON_EMPTY:
+        raise InputError(f"on_empty_target must be one of {', '.join(ON_EMPTY)}, got {params.on_empty_target!r}")
+    if params.on_empty_target == "error" and not np.any(tgt.read(coarse)):
+        raise InputError(
+            f"target section z={coarse.start[2]} of {tgt.path} is empty (all black at MIP {coarse.mip}); "
+            "list it as a bad section so it is skipped as a target, or pass --on-empty-target init"
+        )
+
+
+def prepare_compute_field(src_path: str, tgt_path: str, dst_path: str, region: BBox | None, z: int, tgt_z: int,
+                          params: ComputeFieldParams, *, src_mask_path: str | None = None,
+                          tgt_mask_path: str | None = None) -> tuple[Layer, Layer, Layer, BBox, Layer | None, Layer | None]:
+    """Validate everything (layers, stages, region, estimators) before creating the field layer."""
+    resolve_device(params.device)
+    src = open_layer(src_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--src")
+    tgt = open_layer(tgt_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--tgt")
+    check_same_grid(src, 0, tgt, 0, "--src and --tgt")
+    finest, coarsest = params.stages.stages[-1].mip, params.stages.stages[0].mip
+    for layer, role in ((src, "--src"), (tgt, "--tgt")):
+        layer.scale(coarsest)
+    region = (region or src.bounds(0)).with_z(z)
+    check_within(src, region, "--src")
+    check_within(tgt, region.with_z(tgt_z), "--tgt")
+    if tgt_z == z and tgt.path == src.path:
+        raise InputError(f"section {z} cannot be aligned to itself: choose a target z other than {z}")
+    for stage in params.stages.stages:
+        for spec in stage.estimators:
+            build_estimator(spec)  # unknown estimators, bad params, missing archives fail here
+    masks = []
+    for path, role in ((src_mask_path, "--src-mask"), (tgt_mask_path, "--tgt-mask")):
+        masks.append(open_layer(path, LayerKind.MASK, fill_missing=True, role=role) if path else None)
+        if masks[-1] is not None:
+            check_same_grid(src, 0, masks[-1], 0, f"--src and {role}")
+    check_processing_chunk(params.chunk_xy, src.chunk_size(finest)[0])
+    dst = create_layer(dst_path, like=src, kind=LayerKind.FIELD, max_mip=max(coarsest, max(src.mips)),
+                       extra={"stages": params.stages.model_dump()})
+    return src, tgt, dst, region, masks[0], masks[1]

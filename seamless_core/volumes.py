@@ -1,0 +1,489 @@
+"""CloudVolume layers (image, field, mask, quality) with validation, derivation and atomic writes.
+
+Why a wrapper around CloudVolume: every step needs the same checks before any work starts (the layer
+exists, has the dtype, channels, MIP and field convention the step needs) and the same guarantees
+while writing (chunk-aligned, never a torn chunk, retries on transient storage faults).
+Arrays cross this module as numpy (z, c, y, x), the layout torch wants; CloudVolume's own
+layout is (x, y, z, c).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+from cloudvolume import CloudVolume
+from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .errors import InputError, LayerError, StorageError
+from .geometry import BBox, Vec3
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SCHEMES = ("file", "gs", "s3")
+INFO_KEY = "seamless"
+DEFAULT_CHUNK_XY = 512  # storage chunk of derived layers: 1 MiB of float32 field per chunk and section
+FIELD_CONVENTION: dict[str, Any] = {
+    "version": 1,
+    "convention": "pull",
+    "formula": "out(p) = src(p + f(p))",
+    "units": "pixels of this scale (MIP)",
+    "channels": ["x", "y"],
+    "channel_meaning": "channel 0: displacement along CloudVolume x; channel 1: along CloudVolume y",
+}
+T = TypeVar("T")
+
+
+class LayerKind(str, Enum):
+    IMAGE = "image"
+    FIELD = "field"
+    MASK = "mask"
+    QUALITY = "quality"  # float maps such as CPC or vote agreement
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a kind of layer must look like."""
+
+    dtypes: tuple[str, ...]
+    channels: int
+
+
+LAYER_SPECS: dict[LayerKind, LayerSpec] = {
+    LayerKind.IMAGE: LayerSpec(("uint8", "float32"), 1),
+    LayerKind.FIELD: LayerSpec(("float32",), 2),
+    LayerKind.MASK: LayerSpec(("uint8",), 1),
+    LayerKind.QUALITY: LayerSpec(("float32",), 1),
+}
+
+
+def normalise_path(path: str) -> str:
+    """A CloudVolume path with an explicit scheme; bare local paths become file:// URLs."""
+    if "://" not in path:
+        return "file://" + os.path.abspath(path)
+    scheme = path.split("://", 1)[0]
+    if scheme not in SUPPORTED_SCHEMES:
+        raise InputError(
+            f"unsupported storage scheme {scheme!r} in {path!r}: use one of "
+            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        )
+    return path.rstrip("/")
+
+
+def storage_secrets(path: str) -> Any:
+    """Credentials for CloudVolume: anonymous against a GCS emulator, else CloudVolume's defaults.
+
+    Real credentials come from files mounted from Kubernetes Secrets (GOOGLE_APPLICATION_CREDENTIALS,
+    ~/.cloudvolume/secrets); they are never passed on the command line or logged.
+    """
+    if path.startswith("gs://") and os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+    return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Storage faults worth retrying: network trouble, throttling, server errors."""
+    if isinstance(exc, (EmptyVolumeException, InfoUnavailableError, FileNotFoundError, InputError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    code = getattr(exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+    return code in (408, 429, 500, 502, 503, 504)
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """Run a storage action, retrying transient faults with exponential backoff."""
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.5, max=20),
+            reraise=False,
+        ):
+            with attempt:
+                return action()
+    except RetryError as exc:
+        cause = exc.last_attempt.exception()
+        raise StorageError(f"{what} failed after {attempts} attempts: {cause}") from cause
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass
+class Layer:
+    """An opened, validated layer; one CloudVolume handle per MIP, created lazily."""
+
+    path: str
+    info: dict[str, Any]
+    kind: LayerKind
+    fill_missing: bool = False
+    _handles: dict[int, CloudVolume] = field(default_factory=dict, repr=False)
+
+    # -- description ---------------------------------------------------------------------------------
+    @property
+    def scheme(self) -> str:
+        return self.path.split("://", 1)[0]
+
+    @property
+    def dtype(self) -> str:
+        return str(self.info["data_type"])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.info["num_channels"])
+
+    @property
+    def mips(self) -> list[int]:
+        return list(range(len(self.info["scales"])))
+
+    @property
+    def seamless_info(self) -> dict[str, Any]:
+        return dict(self.info.get(INFO_KEY, {}))
+
+    def scale(self, mip: int) -> dict[str, Any]:
+        if mip not in self.mips:
+            raise LayerError(
+                f"layer {self.path} has no MIP {mip} (it has MIPs {self.mips[0]}..{self.mips[-1]}); "
+                "run `seamless downsample` to build it or choose another --mip"
+            )
+        return self.info["scales"][mip]
+
+    def resolution(self, mip: int) -> tuple[float, float, float]:
+        return tuple(float(r) for r in self.scale(mip)["resolution"])  # type: ignore[return-value]
+
+    def chunk_size(self, mip: int) -> Vec3:
+        return tuple(int(c) for c in self.scale(mip)["chunk_sizes"][0])  # type: ignore[return-value]
+
+    def voxel_offset(self, mip: int) -> Vec3:
+        return tuple(int(v) for v in self.scale(mip)["voxel_offset"])  # type: ignore[return-value]
+
+    def bounds(self, mip: int) -> BBox:
+        scale = self.scale(mip)
+        return BBox.from_size(scale["voxel_offset"], scale["size"], mip)
+
+    @cached_property
+    def factors(self) -> dict[int, Vec3]:
+        """Downsampling factor of each MIP relative to MIP 0, from the resolutions."""
+        base = self.info["scales"][0]["resolution"]
+        return {
+            m: tuple(int(round(r / b)) for r, b in zip(s["resolution"], base))  # type: ignore[misc]
+            for m, s in enumerate(self.info["scales"])
+        }
+
+    # -- I/O -----------------------------------------------------------------------------------------
+    def cv(self, mip: int) -> CloudVolume:
+        self.scale(mip)
+        if mip not in self._handles:
+            self._handles[mip] = CloudVolume(
+                self.path,
+                mip=mip,
+                info=self.info,
+                bounded=False,
+                fill_missing=self.fill_missing,
+                progress=False,
+                cdn_cache=False,
+                non_aligned_writes=False,
+                delete_black_uploads=False,
+                compress=self.seamless_info.get("compress"),
+                secrets=storage_secrets(self.path),
+            )
+        return self._handles[mip]
+
+    def read(self, bbox: BBox) -> np.ndarray:
+        """Voxels of `bbox` as (z, c, y, x); zeros outside the volume's bounds."""
+
+        def _read() -> np.ndarray:
+            return np.asarray(self.cv(bbox.mip)[bbox.to_slices()])
+
+        try:
+            data = with_retries(_read, f"reading {self.path} {bbox}")
+        except EmptyVolumeException as exc:
+            raise LayerError(
+                f"layer {self.path} has no data in {bbox} (missing chunk {exc}); if empty regions are "
+                "expected there, pass --fill-missing"
+            ) from None
+        return data.transpose(2, 3, 1, 0)
+
+    def write(self, bbox: BBox, data: np.ndarray) -> None:
+        """Write (z, c, y, x) voxels of a chunk-aligned `bbox`; atomic per storage chunk."""
+        expected = (bbox.size[2], self.num_channels, bbox.size[1], bbox.size[0])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"writing {bbox} to {self.path}: data shape {data.shape}, expected {expected}")
+        if str(data.dtype) != self.dtype:
+            raise ValueError(f"writing {data.dtype} data to {self.dtype} layer {self.path}")
+        self._check_aligned(bbox)
+        cutout = data.transpose(3, 2, 0, 1)  # (x, y, z, c), a view
+        if self.scheme == "file":
+            with_retries(lambda: self._write_file_atomic(bbox, cutout), f"writing {self.path} {bbox}")
+        else:  # object stores replace whole objects: a chunk is either old or new, never torn
+            with_retries(lambda: self.cv(bbox.mip).__setitem__(bbox.to_slices(), cutout), f"writing {self.path} {bbox}")
+
+    def _check_aligned(self, bbox: BBox) -> None:
+        bounds = self.bounds(bbox.mip)
+        if not bounds.contains(bbox):
+            raise ValueError(f"{bbox} lies outside {self.path} bounds {bounds}")
+        grid = bbox.aligned_to(self.chunk_size(bbox.mip), self.voxel_offset(bbox.mip)).intersection(bounds)
+        if grid != bbox:
+            raise ValueError(f"{bbox} is not aligned to the chunks of {self.path} ({self.chunk_size(bbox.mip)})")
+
+    def _write_file_atomic(self, bbox: BBox, cutout: np.ndarray) -> None:
+        """Encode into a private staging folder, then rename each chunk file into place.
+
+        os.replace is atomic on one filesystem, so a reader (or a rerun after SIGKILL) sees each chunk
+        either complete or as it was before; a killed writer leaves only staging debris.
+        """
+        root = urlparse(self.path).path
+        staging = os.path.join(root, ".staging", uuid.uuid4().hex)
+        key = self.scale(bbox.mip)["key"]
+        try:
+            stage = CloudVolume(
+                "file://" + staging,
+                mip=bbox.mip,
+                info=self.info,
+                progress=False,
+                non_aligned_writes=False,
+                delete_black_uploads=False,
+                compress=self.seamless_info.get("compress"),
+            )
+            stage[bbox.to_slices()] = cutout
+            target_dir = os.path.join(root, key)
+            os.makedirs(target_dir, exist_ok=True)
+            for name in os.listdir(os.path.join(staging, key)):
+                os.replace(os.path.join(staging, key, name), os.path.join(target_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def commit_info(self) -> None:
+        cv = CloudVolume(self.path, info=self.info, progress=False, secrets=storage_secrets(self.path))
+        with_retries(cv.commit_info, f"writing the info file of {self.path}")
+        self._handles.clear()
+
+
+def _fetch_info(path: str) -> dict[str, Any] | None:
+    try:
+        cv = CloudVolume(path, progress=False, secrets=storage_secrets(path))
+    except InfoUnavailableError:
+        return None
+    return copy.deepcopy(cv.info)
+
+
+def open_layer(path: str, kind: LayerKind, *, fill_missing: bool = False, role: str = "layer") -> Layer:
+    """Open an existing layer and check it is what a step expects; `role` names it in errors (e.g. --src)."""
+    path = normalise_path(path)
+    info = with_retries(lambda: _fetch_info(path), f"reading the info file of {path}")
+    if info is None:
+        raise LayerError(f"{role}: no layer at {path} (its info file is missing); check the path or create it first")
+    layer = Layer(path, info, kind, fill_missing)
+    validate_layer(layer, role)
+    return layer
+
+
+def validate_layer(layer: Layer, role: str) -> None:
+    spec = LAYER_SPECS[layer.kind]
+    if layer.dtype not in spec.dtypes:
+        raise LayerError(
+            f"{role}: {layer.path} has data type {layer.dtype}, but a {layer.kind.value} layer must be "
+            + " or ".join(spec.dtypes)
+        )
+    if layer.num_channels != spec.channels:
+        raise LayerError(
+            f"{role}: {layer.path} has {layer.num_channels} channels, but a {layer.kind.value} layer has "
+            f"{spec.channels}"
+        )
+    if layer.kind is LayerKind.FIELD:
+        convention = layer.seamless_info.get("field")
+        if not convention or convention.get("convention") != "pull" or convention.get("version") != 1:
+            raise LayerError(
+                f"{role}: {layer.path} does not declare the field convention in its info file "
+                f"(info['{INFO_KEY}']['field']); if it was written by corgie or old SEAMLeSS, convert it "
+                "with `seamless convert-field --from corgie|seamless-legacy`"
+            )
+
+
+def check_same_grid(a: Layer, mip_a: int, b: Layer, mip_b: int, what: str) -> None:
+    """Two layers must describe the same physical grid where a step combines them voxel for voxel."""
+    if a.resolution(mip_a) != b.resolution(mip_b):
+        raise LayerError(
+            f"{what}: resolution mismatch, {a.path} MIP {mip_a} is {a.resolution(mip_a)} nm but "
+            f"{b.path} MIP {mip_b} is {b.resolution(mip_b)} nm; choose MIPs with equal resolution"
+        )
+
+
+def check_within(layer: Layer, bbox: BBox, role: str) -> None:
+    bounds = layer.bounds(bbox.mip)
+    if bbox.is_empty:
+        raise InputError(f"{role}: the requested region {bbox} is empty")
+    if not bounds.contains(bbox):
+        raise InputError(
+            f"{role}: the requested region {bbox} is outside {layer.path}, whose bounds are {bounds}; "
+            "pass a --bbox / --z inside them"
+        )
+
+
+def create_layer(
+    path: str,
+    *,
+    like: Layer,
+    kind: LayerKind,
+    max_mip: int,
+    dtype: str | None = None,
+    chunk_xy: int | None = None,
+    compress: str | bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Layer:
+    """Create (or reopen, if compatible) a destination layer derived from `like`.
+
+    Resolution, offset, size, the MIP pyramid and the xy chunking come from the source; z chunks are 1
+    so each section is written independently. Creating an existing compatible layer is a no-op, so a retried
+    task never fails on its own earlier output.
+    """
+    path = normalise_path(path)
+    if path == like.path:
+        raise InputError(f"the destination {path} is the source itself; choose another destination")
+    spec = LAYER_SPECS[kind]
+    dtype = dtype or spec.dtypes[0]
+    if dtype not in spec.dtypes:
+        raise InputError(f"a {kind.value} layer cannot be {dtype}; use " + " or ".join(spec.dtypes))
+    chunk = chunk_xy or like.chunk_size(0)[0]
+    scales = []
+    for mip in range(max_mip + 1):
+        src_scale = like.scale(mip) if mip in like.mips else _derived_scale(scales[-1])
+        scales.append(
+            {
+                "key": "_".join(_fmt(r) for r in src_scale["resolution"]),
+                "resolution": list(src_scale["resolution"]),
+                "voxel_offset": list(src_scale["voxel_offset"]),
+                "size": list(src_scale["size"]),
+                "chunk_sizes": [[chunk, chunk, 1]],
+                "encoding": "raw",
+            }
+        )
+    seamless = {"kind": kind.value, "compress": compress if compress is not None else _default_compress(kind)}
+    if kind is LayerKind.FIELD:
+        seamless["field"] = dict(FIELD_CONVENTION)
+    seamless.update(extra or {})
+    info = {
+        "type": "image",
+        "data_type": dtype,
+        "num_channels": spec.channels,
+        "scales": scales,
+        INFO_KEY: seamless,
+    }
+    existing = _fetch_info(path)
+    if existing is not None:
+        layer = Layer(path, existing, kind)
+        _check_compatible(layer, info)
+        return layer
+    layer = Layer(path, info, kind)
+    layer.commit_info()
+    return layer
+
+
+def _default_compress(kind: LayerKind) -> str | bool:
+    # Fields are float noise to gzip (little gain, much CPU); images compress well.
+    return False if kind in (LayerKind.FIELD, LayerKind.QUALITY) else "gzip"
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _derived_scale(prev: dict[str, Any]) -> dict[str, Any]:
+    """The next MIP of a pyramid: half the resolution in x and y."""
+    return {
+        "resolution": [prev["resolution"][0] * 2, prev["resolution"][1] * 2, prev["resolution"][2]],
+        "voxel_offset": [prev["voxel_offset"][0] // 2, prev["voxel_offset"][1] // 2, prev["voxel_offset"][2]],
+        "size": [-(-prev["size"][0] // 2), -(-prev["size"][1] // 2), prev["size"][2]],
+    }
+
+
+def _check_compatible(layer: Layer, wanted: dict[str, Any]) -> None:
+    problems = []
+    if layer.dtype != wanted["data_type"]:
+        problems.append(f"data type {layer.dtype} (wanted {wanted['data_type']})")
+    if layer.num_channels != wanted["num_channels"]:
+        problems.append(f"{layer.num_channels} channels (wanted {wanted['num_channels']})")
+    if layer.kind is LayerKind.FIELD and not layer.seamless_info.get("field"):
+        problems.append("no field convention in its info")
+    for mip, scale in enumerate(wanted["scales"]):
+        if mip >= len(layer.info["scales"]):
+            problems.append(f"no MIP {mip}")
+            break
+        have = layer.info["scales"][mip]
+        for key in ("resolution", "voxel_offset", "size"):
+            if [float(v) for v in have[key]] != [float(v) for v in scale[key]]:
+                problems.append(f"MIP {mip} {key} {have[key]} (wanted {scale[key]})")
+    if problems:
+        raise LayerError(
+            f"destination {layer.path} already exists and differs: " + "; ".join(problems)
+            + ". Choose a new destination or delete the old layer."
+        )
+
+
+def make_image_info(
+    *,
+    dtype: str,
+    resolution: Sequence[float],
+    size: Sequence[int],
+    voxel_offset: Sequence[int] = (0, 0, 0),
+    chunk_xy: int = DEFAULT_CHUNK_XY,
+    max_mip: int = 0,
+    kind: LayerKind = LayerKind.IMAGE,
+) -> dict[str, Any]:
+    """Info for a brand-new layer that has no source to derive from (ingest, synthetic data)."""
+    spec = LAYER_SPECS[kind]
+    base = {"resolution": list(resolution), "voxel_offset": list(voxel_offset), "size": list(size)}
+    scales = [base]
+    for _ in range(max_mip):
+        scales.append(_derived_scale(scales[-1]))
+    info: dict[str, Any] = {
+        "type": "image",
+        "data_type": dtype,
+        "num_channels": spec.channels,
+        "scales": [
+            dict(s, key="_".join(_fmt(r) for r in s["resolution"]), chunk_sizes=[[chunk_xy, chunk_xy, 1]], encoding="raw")
+            for s in scales
+        ],
+        INFO_KEY: {"kind": kind.value, "compress": _default_compress(kind)},
+    }
+    if kind is LayerKind.FIELD:
+        info[INFO_KEY]["field"] = dict(FIELD_CONVENTION)
+    return info
+
+
+def create_from_info(path: str, info: dict[str, Any], kind: LayerKind) -> Layer:
+    """Create a layer from a complete info dict (or reopen it when identical in geometry)."""
+    path = normalise_path(path)
+    existing = _fetch_info(path)
+    if existing is not None:
+        layer = Layer(path, existing, kind)
+        _check_compatible(layer, info)
+        return layer
+    layer = Layer(path, copy.deepcopy(info), kind)
+    layer.commit_info()
+    return layer
+
+
+def ensure_mips(layer: Layer, max_mip: int) -> None:
+    """Add derived scales up to `max_mip` to a layer's info (idempotent), for building a pyramid."""
+    if max_mip < len(layer.info["scales"]):
+        return
+    chunk = layer.info["scales"][-1]["chunk_sizes"][0]
+    while len(layer.info["scales"]) <= max_mip:
+        scale = _derived_scale(layer.info["scales"][-1])
+        scale.update(key="_".join(_fmt(r) for r in scale["resolution"]), chunk_sizes=[list(chunk)], encoding="raw")
+        layer.info["scales"].append(scale)
+    layer.__dict__.pop("factors", None)
+    layer.commit_info()

@@ -1,0 +1,149 @@
+"""The `seamless` command: clear errors with meaningful exit codes, nothing written on refusal, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seamless_core.cli import main
+from seamless_core.errors import ExitCode
+from seamless_core.synthetic import affine_field
+from seamless_core.volumes import LayerKind
+
+from conftest import sample_section
+from test_steps import make_layer
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> Path:
+    stack = np.stack([sample_section(z)[:256, :256] for z in range(2)])[:, None]
+    make_layer(tmp_path / "img", stack, max_mip=2)
+    field = np.concatenate([affine_field(256, 256, translation=(4.0, -3.0)).numpy()] * 2)
+    make_layer(tmp_path / "field", field, LayerKind.FIELD, max_mip=2)
+    return tmp_path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def render_args(root: Path, **overrides: str) -> list[str]:
+    opts = {"--src": str(root / "img"), "--field": str(root / "field"), "--dst": str(root / "out")}
+    opts.update(overrides)
+    args = ["render"]
+    for key, value in opts.items():
+        args += [key, value]
+    return args
+
+
+def test_render_succeeds_and_reports_json(layers: Path, capsys) -> None:
+    code, out, _ = run_cli(render_args(layers, **{"--report-json": str(layers / "r.json")}), capsys)
+    assert code == ExitCode.OK
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["step"] == "render" and report["chunks"] == 2 and report["megapixels"] > 0.1
+    assert json.loads((layers / "r.json").read_text()) == report
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"--src": "MISSING"}, r"--src: no layer at file://.*missing \(its info file is missing\)"),
+        ({"--src": "FIELD"}, r"--src: .* has data type float32, but a image layer must be uint8 or float32|channels"),
+        ({"--field": "IMG"}, r"--field: .* has data type uint8, but a field layer must be float32"),
+        ({"--field": "RGB"}, r"--field: .* has 3 channels, but a field layer has 2"),
+        ({"--field": "NOCONV"}, r"does not declare the field convention .*`seamless convert-field --from corgie"),
+        ({"--field": "COARSE"}, r"resolution mismatch"),
+        ({"--bbox": "0,0,0:300,256,1"}, r"outside .* bounds"),
+        ({"--z": "1:5"}, r"outside .* bounds"),
+        ({"--z": "3:1"}, r"empty or reversed"),
+        ({"--device": "tpu"}, r"unknown device 'tpu': use cpu, cuda, cuda:N or auto"),
+        ({"--dst": "ftp://host/x"}, r"unsupported storage scheme 'ftp'"),
+        ({"--chunk": "100"}, r"--chunk 100 must be a positive multiple of the destination's storage chunk 128"),
+        ({"--mip": "7"}, r"has no MIP 7"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(
+    layers: Path, capsys, overrides: dict[str, str], message: str
+) -> None:
+    make_layer(layers / "rgb", np.zeros((2, 3, 256, 256), np.float32), LayerKind.FIELD, convention=False)
+    make_layer(layers / "noconv", np.zeros((2, 2, 256, 256), np.float32), LayerKind.FIELD, convention=False)
+    make_layer(layers / "coarse", np.zeros((2, 2, 256, 256), np.float32), LayerKind.FIELD, resolution=(8, 8, 50))
+    names = {"MISSING": "missing", "FIELD": "field", "IMG": "img", "RGB": "rgb", "NOCONV": "noconv", "COARSE": "coarse"}
+    resolved = {k: str(layers / names[v]) if v in names else v for k, v in overrides.items()}
+    code, _, err = run_cli(render_args(layers, **resolved), capsys)
+    assert code == ExitCode.INVALID_INPUT, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+    assert not (layers / "out").exists()  # validation comes before any write, the info file included
+
+
+def test_cuda_requested_without_a_gpu_is_refused(layers: Path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for machines without one")
+    code, _, err = run_cli(render_args(layers, **{"--device": "cuda"}), capsys)
+    assert code == ExitCode.INVALID_INPUT and "sees no CUDA device" in err
+    assert not (layers / "out").exists()
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    code, _, err = run_cli(["render", "--src", "x"], capsys)
+    assert code == ExitCode.USAGE and "Missing option" in err and "--field" in err
+
+
+def test_existing_incompatible_destination_is_refused(layers: Path, capsys) -> None:
+    make_layer(layers / "out", np.zeros((2, 1, 128, 128), np.uint8))
+    code, _, err = run_cli(render_args(layers), capsys)
+    assert code == ExitCode.INVALID_INPUT and "already exists and differs" in err
+
+
+def test_progress_lines_in_a_log_file(layers: Path, tmp_path: Path) -> None:
+    """Not a terminal (an Airflow task log): periodic lines with chunks, rate, Mpx/s and ETA."""
+    env = dict(os.environ, SEAMLESS_PROGRESS_INTERVAL="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "seamless_core.cli", *render_args(layers), "--chunk", "128"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "render: 1/8 chunks (12%)" in result.stderr
+    assert "Mpx/s, ETA 0:00:" in result.stderr
+    assert "render: done, 8 chunks" in result.stderr
+
+
+def test_other_subcommands_run_from_the_cli(layers: Path, capsys) -> None:
+    assert run_cli(["downsample", "--src", str(layers / "img"), "--mip", "0", "--dst-mip", "2"], capsys)[0] == 0
+    code, out, _ = run_cli(["cpc", "--src", str(layers / "img"), "--dst", str(layers / "cpc"), "--mip", "1",
+                            "--patch", "16"], capsys)
+    assert code == 0 and json.loads(out.splitlines()[-1])["sections"][0]["z"] == 1
+    assert run_cli(["copy", "--src", str(layers / "field"), "--dst", str(layers / "f2"), "--kind", "field"],
+                   capsys)[0] == 0
+    code, _, err = run_cli(["convert-field", "--src", str(layers / "field"), "--dst", str(layers / "f3"),
+                            "--from", "corgie"], capsys)
+    assert code == ExitCode.INVALID_INPUT and "already declares" in err
+    code, _, err = run_cli(["downsample", "--src", str(layers / "img"), "--kind", "labels"], capsys)
+    assert code == ExitCode.INVALID_INPUT and "unknown --kind 'labels'" in err
+
+
+def test_ingest_refuses_gaps_and_non_gray_images(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.fromarray(sample_section(0)).save(folder / "0.png")
+    Image.fromarray(sample_section(1)).save(folder / "2.png")
+    code, _, err = run_cli(["ingest", "--images", str(folder), "--dst", str(tmp_path / "l")], capsys)
+    assert code == ExitCode.INVALID_INPUT and "sections [1] are missing" in err
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "1.png")
+    code, _, err = run_cli(["ingest", "--images", str(folder), "--dst", str(tmp_path / "l")], capsys)
+    assert code == ExitCode.INVALID_INPUT and "8-bit grayscale" in err
