@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 from cloudvolume import CloudVolume
+from cloudfiles.exceptions import DecompressionError
 from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -43,6 +45,21 @@ FIELD_CONVENTION: dict[str, Any] = {
     "channel_meaning": "channel 0: displacement along CloudVolume x; channel 1: along CloudVolume y",
 }
 T = TypeVar("T")
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this chunk's bytes do not decode" across cloud-files' codecs."""
+    errors: list[type[BaseException]] = [ValueError, EOFError, DecompressionError]
+    try:
+        from deflate import DeflateError  # cloud-files' fast gzip, when installed
+
+        errors.append(DeflateError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+DECODE_ERRORS = _decode_errors()
 
 
 class LayerKind(str, Enum):
@@ -214,6 +231,8 @@ class Layer:
                 f"layer {self.path} has no data in {bbox} (missing chunk {exc}); if empty regions are "
                 "expected there, pass --fill-missing"
             ) from None
+        except DECODE_ERRORS as exc:  # a truncated or corrupt chunk, e.g. written by another tool
+            raise LayerError(f"layer {self.path} has an unreadable chunk in {bbox}: {exc}; rewrite that region") from None
         return data.transpose(2, 3, 1, 0)
 
     def write(self, bbox: BBox, data: np.ndarray) -> None:
@@ -260,7 +279,11 @@ class Layer:
             stage[bbox.to_slices()] = cutout
             target_dir = os.path.join(root, key)
             os.makedirs(target_dir, exist_ok=True)
-            for name in os.listdir(os.path.join(staging, key)):
+            names = os.listdir(os.path.join(staging, key))
+            for name in names:  # durable before visible: a node crash cannot expose an empty chunk
+                with open(os.path.join(staging, key, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+            for name in names:
                 os.replace(os.path.join(staging, key, name), os.path.join(target_dir, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -271,9 +294,29 @@ class Layer:
         self._handles.clear()
 
 
+STALE_STAGING_S = 6 * 3600  # no write takes hours: older staging folders belong to killed writers
+
+
+def clean_stale_staging(layer: Layer, max_age_s: float = STALE_STAGING_S) -> int:
+    """Remove staging folders left by killed writers (file:// only); returns how many were removed."""
+    if layer.scheme != "file":
+        return 0
+    staging_root = os.path.join(urlparse(layer.path).path, ".staging")
+    removed = 0
+    if os.path.isdir(staging_root):
+        now = time.time()
+        for entry in os.scandir(staging_root):
+            if now - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
+
+
 def _fetch_info(path: str) -> dict[str, Any] | None:
+    # "precomputed://" explicitly: without it CloudVolume probes a path with no info file as zarr,
+    # one more request per lookup (and ~20 s of retries against emulators without a batch API).
     try:
-        cv = CloudVolume(path, progress=False, secrets=storage_secrets(path))
+        cv = CloudVolume("precomputed://" + path, progress=False, secrets=storage_secrets(path))
     except InfoUnavailableError:
         return None
     return copy.deepcopy(cv.info)
@@ -385,6 +428,7 @@ def create_layer(
     if existing is not None:
         layer = Layer(path, existing, kind)
         _check_compatible(layer, info)
+        clean_stale_staging(layer)
         return layer
     layer = Layer(path, info, kind)
     layer.commit_info()
@@ -470,6 +514,7 @@ def create_from_info(path: str, info: dict[str, Any], kind: LayerKind) -> Layer:
     if existing is not None:
         layer = Layer(path, existing, kind)
         _check_compatible(layer, info)
+        clean_stale_staging(layer)
         return layer
     layer = Layer(path, copy.deepcopy(info), kind)
     layer.commit_info()

@@ -147,3 +147,27 @@ def test_ingest_refuses_gaps_and_non_gray_images(tmp_path: Path, capsys) -> None
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "1.png")
     code, _, err = run_cli(["ingest", "--images", str(folder), "--dst", str(tmp_path / "l")], capsys)
     assert code == ExitCode.INVALID_INPUT and "8-bit grayscale" in err
+
+
+def test_sigterm_from_a_preempted_pod_exits_130(tmp_path: Path) -> None:
+    """A long-running command stopped by SIGTERM says so and exits 130 (retryable), not a traceback."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "seamless_core.cli", "serve", str(tmp_path), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until it serves
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == ExitCode.INTERRUPTED
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
