@@ -285,6 +285,40 @@ def vote(
     _finish(vote_fields(c, v, a, r, params), report_json)
 
 
+@app.command()
+def train(
+    src: Src,
+    dst: Annotated[str, typer.Option("--dst", help="Model archive folder to write (local, file://, gs://); checkpoints go to <dst>.ckpt/.")],
+    z: Annotated[str, typer.Option("--z", help="Training sections A:B (B excluded).")],
+    mip: Annotated[int, typer.Option("--mip", min=0, help="MIP level to train at (recorded in the archive).")] = 2,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 1700,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Pairs per step.")] = 8,
+    patch: Annotated[int, typer.Option("--patch", min=8, help="Square crop edge in px at --mip.")] = 96,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-3,
+    smoothness: Annotated[float, typer.Option("--smoothness", min=0.0, help="Weight of the field smoothness loss.")] = 1.0,
+    epe_weight: Annotated[float, typer.Option("--epe-weight", min=0.0, help="Supervised EPE weight on synthetic pairs (0 = self-supervised only).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (training is deterministic for a seed).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint in <dst>.ckpt/.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 200,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for training.")] = 1,
+    device: Device = "cpu",
+    report_json: Report = None,
+) -> None:
+    """Train the SEAMLeSS pyramid self-supervised on sections of an image layer; writes a model archive."""
+    from .train import train as run
+
+    result = run(src, dst, z_range=parse_z(z), mip=mip, steps=steps, batch=batch, patch=patch, lr=lr,
+                 smoothness=smoothness, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
+                 device=device, epe_weight=epe_weight, threads=threads)
+    training = result["training"]
+    data = {"archive": dst, "steps": training["steps"], "seconds": training["seconds"],
+            "final_losses": training["final_losses"]}
+    if report_json:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(data, indent=2))
+    typer.echo(json.dumps(data))
+
+
 # Data and viewing ------------------------------------------------------------------------------------
 @app.command()
 def ingest(

@@ -114,6 +114,7 @@ def identity(height: int, width: int, batch: int = 1, *, device=None, dtype=torc
 
 
 @functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached across calls: an inference tensor here would break later autograd
 def _pixel_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     ys, xs = torch.meshgrid(
         torch.arange(height, device=device, dtype=dtype),
@@ -129,6 +130,7 @@ def pixel_grid(height: int, width: int, *, device=None, dtype=torch.float32) -> 
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)
 def _norm_affine(height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """scale, offset (each shape (2,), order x, y) with grid_norm = coords * scale + offset.
 
@@ -140,6 +142,7 @@ def _norm_affine(height: int, width: int, device: torch.device, dtype: torch.dty
 
 
 @functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)
 def _normalised_identity(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(1, H, W, 2) identity grid already in grid_sample's normalised coordinates."""
     scale, offset = _norm_affine(height, width, device, dtype)

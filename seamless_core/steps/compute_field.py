@@ -75,7 +75,8 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
                 init = fields.identity(padded.size[1], padded.size[0], device=device)
             else:
                 init = read_field(dst, padded, prev, device)
-            origin = source_region(padded, init)
+            # where the field pulls from, and the target grid itself (estimators may search around it)
+            origin = source_region(padded, init).union(padded)
             src_image = normalise_image(src.read(origin), device)
             tgt_image = normalise_image(tgt.read(padded.with_z(tgt_z)), device)
             pair = Pair(
