@@ -52,11 +52,19 @@ class Pair:
         return fields.sample(self.src, self.coords(field))
 
     def src_invalid(self, field: torch.Tensor) -> torch.Tensor:
-        """Target-grid pixels whose source sample touches black or defect pixels (bool, N,1,H,W)."""
+        """Target-grid pixels whose source sample touches black, defect or out-of-window pixels (bool).
+
+        Outside the window the sampled value is 0 (black), so it must not pull the field either.
+        """
         bad = self.src <= 0
         if self.src_defects is not None:
             bad = bad | (self.src_defects > 0)
-        return fields.sample_mask(bad, self.coords(field), rule="any")
+        coords = self.coords(field)
+        height, width = self.src.shape[-2:]
+        outside = (
+            (coords[:, :1] < 0) | (coords[:, :1] > width - 1) | (coords[:, 1:] < 0) | (coords[:, 1:] > height - 1)
+        )
+        return fields.sample_mask(bad, coords, rule="any") | outside
 
     def tgt_valid(self) -> torch.Tensor:
         """Target pixels that carry tissue and no defect (bool, N,1,H,W)."""

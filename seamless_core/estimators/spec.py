@@ -6,7 +6,7 @@ starts from the coarser stage's field. Written in YAML or JSON as, for example:
     stages:
       - {mip: 2, estimators: [{name: block_matching}]}
       - {mip: 1, estimators: [{name: finetuner}]}
-      - {mip: 0, estimators: [{name: finetuner, params: {smoothness: 0.05}}]}
+      - {mip: 0, estimators: [{name: finetuner, params: {smoothness: 0.005}}]}
 """
 
 from __future__ import annotations

@@ -68,15 +68,16 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
     previous_mip: int | None = None
     for stage, chunks in stage_plans:
         estimators = [build_estimator(spec) for spec in stage.estimators]
+        margin = max(int(getattr(e, "margin", 0)) for e in estimators)  # how far an estimator searches
 
-        def load(chunk: BBox, prev: int | None = previous_mip) -> tuple[Pair, torch.Tensor]:
+        def load(chunk: BBox, prev: int | None = previous_mip, margin: int = margin) -> tuple[Pair, torch.Tensor]:
             padded = chunk.padded(params.pad)
             if prev is None:
                 init = fields.identity(padded.size[1], padded.size[0], device=device)
             else:
                 init = read_field(dst, padded, prev, device)
             # where the field pulls from, and the target grid itself (estimators may search around it)
-            origin = source_region(padded, init).union(padded)
+            origin = source_region(padded, init).union(padded).padded(margin)
             src_image = normalise_image(src.read(origin), device)
             tgt_image = normalise_image(tgt.read(padded.with_z(tgt_z)), device)
             pair = Pair(
