@@ -403,10 +403,25 @@ def _set_threads() -> None:
     import os
 
     wanted = os.environ.get("SEAMLESS_THREADS")
-    threads = int(wanted) if wanted and wanted.isdigit() and int(wanted) > 0 else len(os.sched_getaffinity(0))
+    threads = int(wanted) if wanted and wanted.isdigit() and int(wanted) > 0 else _owned_cpus()
     import torch
 
     torch.set_num_threads(max(1, threads))
+
+
+def _owned_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU limit (a pod's limits.cpu)."""
+    import math
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def _on_signal(signum: int, frame: Any) -> None:

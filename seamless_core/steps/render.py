@@ -20,7 +20,7 @@ from ..errors import DisplacementTooLarge, InputError
 from ..geometry import BBox
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
-from ..volumes import Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
+from ..volumes import SOURCE_CACHE_BYTES, Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
 from .common import check_processing_chunk, processing_chunks, read_field, read_mask, to_numpy, to_tensor
 
 
@@ -64,7 +64,7 @@ def render_chunk(window: SourceWindow, chunk: BBox) -> torch.Tensor:
         device=window.field.device,
     ).view(1, 2, 1, 1)
     grid = fields.pixel_grid(chunk.size[1], chunk.size[0], device=window.field.device, dtype=window.field.dtype)
-    coords = window.field + grid + offset
+    coords = torch.add(window.field, grid).add_(offset)  # one allocation on the hot path
     out = fields.sample(window.image, coords)
     if window.mask is not None:
         out = out.masked_fill(fields.sample_mask(window.mask, coords, rule="any"), 0.0)
@@ -124,7 +124,8 @@ def prepare_render(
 ) -> tuple[Layer, Layer, Layer, Layer | None, BBox]:
     """Validate every input, then create the destination: nothing is written when validation fails."""
     resolve_device(params.device)
-    src = open_layer(src_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--src")
+    src = open_layer(src_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--src",
+                     cache_bytes=SOURCE_CACHE_BYTES)
     field = open_layer(field_path, LayerKind.FIELD, role="--field")
     field_mip = params.mip if params.field_mip is None else params.field_mip
     field.scale(field_mip)
