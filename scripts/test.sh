@@ -3,5 +3,5 @@
 # .ci/run calls exactly this script on a clean clone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh worker,test
+bash scripts/setup.sh worker,airflow,test
 exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
