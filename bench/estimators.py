@@ -12,7 +12,6 @@ Run: .venv/bin/python bench/estimators.py [--sections 0,5,11,21,24] [--out docs/
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report import write_section  # noqa: E402
 from seamless_core import fields, synthetic  # noqa: E402
 from seamless_core.estimators.multiscale import align_pair  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "isbi2012"
-MARK = ("<!-- estimators:start -->", "<!-- estimators:end -->")
 
 METHODS: dict[str, list[dict] | None] = {
     "block matching @ MIP 2 alone": [{"mip": 2, "estimators": [{"name": "block_matching"}]}],
@@ -53,8 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="0,5,11,21,24")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: per-pair CPU cost)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sections = [int(z) for z in args.sections.split(",")]
     device = torch.device(args.device)
     cases = []
@@ -89,13 +90,7 @@ def main() -> None:
     ])
     print(text)
     if args.out:
-        doc = args.out.read_text()
-        block = f"{MARK[0]}\n{text}\n{MARK[1]}"
-        if MARK[0] in doc:
-            doc = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), lambda _: block, doc, flags=re.S)
-        else:
-            doc += f"\n## Estimators: exact recovery and speed\n\n{block}\n"
-        args.out.write_text(doc)
+        write_section(args.out, "estimators", "Estimators: exact recovery and speed", text)
 
 
 if __name__ == "__main__":

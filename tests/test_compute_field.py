@@ -89,3 +89,14 @@ def test_an_empty_target_section_is_refused_or_skipped_as_documented(pair, capsy
     assert code == ExitCode.OK
     kept = open_layer(str(root / "kept"), LayerKind.FIELD).read(BBox((0, 0, 1), (SIZE // 2, SIZE // 2, 2), 1))
     assert not kept.any()  # no target: the (zero) initial field is kept, never a made-up one
+
+
+def test_stage_presets_by_name() -> None:
+    from seamless_core.cli import load_stages
+    from seamless_core.errors import InputError
+    from seamless_core.estimators.spec import parse_stages, preset
+
+    assert load_stages("exact") == parse_stages(None)
+    assert [s.mip for s in load_stages("serial").stages] == [2]
+    with pytest.raises(InputError, match="unknown stage preset 'fast'"):
+        preset("fast")

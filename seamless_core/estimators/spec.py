@@ -69,6 +69,25 @@ DEFAULT_STAGES: list[dict[str, Any]] = [
 ]
 
 
+#: Serial alignment of real neighbouring sections (50 nm apart, different content): stop at MIP 2 with
+#: a stiff field so the aligner removes section misalignment without morphing one section into the
+#: next; align_pair upsamples the field to MIP 0 for rendering. Filled in from bench/align_quality.py.
+SERIAL_STAGES: list[dict[str, Any]] = [
+    {"mip": 2, "estimators": [{"name": "block_matching"}]},
+]
+
+#: Named stage specs: "exact" (the defaults: exact recovery of deformations of the same section, down
+#: to MIP 0) and "serial" (real neighbours, see SERIAL_STAGES and docs/estimators.md).
+PRESETS: dict[str, list[dict[str, Any]]] = {"exact": DEFAULT_STAGES, "serial": SERIAL_STAGES}
+
+
+def preset(name: str) -> StagesSpec:
+    """The validated stage spec of a named preset ("exact" or "serial")."""
+    if name not in PRESETS:
+        raise InputError(f"unknown stage preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return parse_stages(PRESETS[name])
+
+
 def parse_stages(data: list[dict[str, Any]] | dict[str, Any] | None) -> StagesSpec:
     """Validate a stage spec (None = the defaults); errors name the offending field."""
     payload = {"stages": DEFAULT_STAGES} if data is None else (data if isinstance(data, dict) else {"stages": data})
