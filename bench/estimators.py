@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from report import write_section  # noqa: E402
-from seamless_core import fields, synthetic  # noqa: E402
+from seamless_core import synthetic  # noqa: E402
 from seamless_core.estimators.multiscale import align_pair  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "isbi2012"

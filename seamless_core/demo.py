@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from .geometry import BBox
 from .ingest import ingest
 from .neuroglancer import viewer_link
 from .steps.common import to_numpy

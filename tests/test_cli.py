@@ -160,14 +160,16 @@ def test_sigterm_from_a_preempted_pod_exits_130(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "seamless_core.cli", "serve", str(tmp_path), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until it serves
+    # "serving ..." is printed after the signal handlers are installed: only then is SIGTERM the step's to handle
+    assert process.stdout is not None and process.stdout.readline().startswith("serving ")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # and the server is listening
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             break
         except OSError:
             time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
+    _, err = process.communicate(timeout=60)
     assert process.returncode == ExitCode.INTERRUPTED
     assert "stopped by SIGTERM" in err and "Traceback" not in err

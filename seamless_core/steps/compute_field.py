@@ -17,8 +17,8 @@ import torch
 from .. import fields
 from ..devices import resolve_device
 from ..errors import InputError
-from ..estimators.base import Pair
-from ..estimators.spec import StagesSpec, build_estimator, parse_stages
+from ..estimators.base import Estimator, Pair
+from ..estimators.spec import StageSpec, StagesSpec, build_estimator, parse_stages
 from ..geometry import BBox, crop_xy
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
@@ -70,7 +70,8 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
         estimators = [build_estimator(spec) for spec in stage.estimators]
         margin = max(int(getattr(e, "margin", 0)) for e in estimators)  # how far an estimator searches
 
-        def load(chunk: BBox, prev: int | None = previous_mip, margin: int = margin) -> tuple[Pair, torch.Tensor]:
+        def load(chunk: BBox, prev: int | None = previous_mip, margin: int = margin,
+                 stage: StageSpec = stage) -> tuple[Pair, torch.Tensor]:
             padded = chunk.padded(params.pad)
             if prev is None:
                 init = fields.identity(padded.size[1], padded.size[0], device=device)
@@ -89,7 +90,8 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
             )
             return pair, init
 
-        def compute(chunk: BBox, loaded: tuple[Pair, torch.Tensor]) -> np.ndarray:
+        def compute(chunk: BBox, loaded: tuple[Pair, torch.Tensor],
+                    estimators: list[Estimator] = estimators) -> np.ndarray:
             pair, init = loaded
             if not bool(pair.tgt_valid().any()):  # nothing to align to here: keep the coarser field
                 result = init
@@ -126,8 +128,8 @@ def prepare_compute_field(src_path: str, tgt_path: str, dst_path: str, region: B
     tgt = open_layer(tgt_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--tgt")
     check_same_grid(src, 0, tgt, 0, "--src and --tgt")
     finest, coarsest = params.stages.stages[-1].mip, params.stages.stages[0].mip
-    for layer, role in ((src, "--src"), (tgt, "--tgt")):
-        layer.scale(coarsest)
+    for layer in (src, tgt):
+        layer.scale(coarsest)  # refuses a missing MIP, naming the layer
     region = (region or src.bounds(0)).with_z(z)
     check_within(src, region, "--src")
     check_within(tgt, region.with_z(tgt_z), "--tgt")
