@@ -44,13 +44,13 @@ FillMissing = Annotated[bool, typer.Option("--fill-missing", help="Treat missing
 Report = Annotated[Optional[Path], typer.Option("--report-json", help="Write the step's figures as JSON here.")]
 
 
-def parse_z(text: str) -> tuple[int, int]:
+def parse_z(text: str, option: str = "--z") -> tuple[int, int]:
     try:
         start, stop = (int(v) for v in text.split(":"))
     except ValueError:
-        raise InputError(f"cannot read section range {text!r}: write it as A:B, e.g. --z 10:20") from None
+        raise InputError(f"cannot read {option} {text!r}: write it as A:B, e.g. {option} 10:20") from None
     if stop <= start:
-        raise InputError(f"section range {text!r} is empty or reversed: B must be greater than A")
+        raise InputError(f"{option} {text!r} is empty or reversed: B must be greater than A")
     return start, stop
 
 
@@ -62,8 +62,13 @@ def resolve_region(bbox: str | None, bbox_mip: int, z: str | None, mip: int, bou
     return region
 
 
+_LAST_REPORT: dict[str, Any] = {}  # the last step's figures, kept in its restart marker
+
+
 def _finish(report: Any, report_json: Path | None) -> None:
     data = report.as_dict()
+    _LAST_REPORT.clear()
+    _LAST_REPORT.update(data)
     if report_json:
         report_json.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(data, indent=2))
@@ -246,6 +251,7 @@ def compute_field(
     chunk: Chunk = None,
     pad: Annotated[int, typer.Option("--pad", min=0, help="Context pixels per side at each stage's MIP.")] = 64,
     on_empty_target: Annotated[str, typer.Option("--on-empty-target", help="error, or init (keep the coarser field).")] = "error",
+    stage_range: Annotated[Optional[str], typer.Option("--stage-range", help="Run only stages I:J (0-based, J excluded); stage I starts from stage I-1's field in --dst.")] = None,
     device: Device = "cpu",
     fill_missing: FillMissing = False,
     report_json: Report = None,
@@ -255,7 +261,8 @@ def compute_field(
     from .steps.compute_field import compute_field as run
 
     params = ComputeFieldParams(stages=load_stages(stages), chunk_xy=chunk, pad=pad, device=device,
-                                fill_missing=fill_missing, on_empty_target=on_empty_target)
+                                fill_missing=fill_missing, on_empty_target=on_empty_target,
+                                stage_range=parse_z(stage_range, "--stage-range") if stage_range else None)
     region = BBox.parse(bbox, bbox_mip).to_mip(0) if bbox else None
     target_z = z - offset if tgt_z is None else tgt_z
     s, t, d, r, sm, tm = prepare_compute_field(src, tgt, dst, region, z, target_z, params,
@@ -285,6 +292,32 @@ def vote(
     region = BBox.parse(bbox, bbox_mip).to_mip(mip) if bbox else None
     c, v, a, r = prepare_vote(fields, dst, agreement, region, z, params)
     _finish(vote_fields(c, v, a, r, params), report_json)
+
+
+@app.command()
+def compose(
+    dst: Annotated[str, typer.Option("--dst", help="Field layer to write.")],
+    z: Annotated[int, typer.Option("--z", help="Section to write.")],
+    fields: Annotated[Optional[list[str]], typer.Option("--field", help="Field layer; repeat, outermost first (applied last).")] = None,
+    at: Annotated[Optional[list[int]], typer.Option("--at", help="Section of each --field to read (a stitch field lives at its block start).")] = None,
+    weights: Annotated[Optional[list[float]], typer.Option("--weight", help="Scale of each --field in [0, 1] (decay).")] = None,
+    like: Annotated[Optional[str], typer.Option("--like", help="With no --field: image layer whose geometry the identity field takes.")] = None,
+    mip: Mip = 0,
+    bbox: BBoxOpt = None,
+    bbox_mip: BBoxMip = 0,
+    chunk: Chunk = None,
+    max_reach: Annotated[int, typer.Option("--max-reach", min=1, help="Most pixels a composed displacement may reach beyond a chunk.")] = 4096,
+    device: Device = "cpu",
+    report_json: Report = None,
+) -> None:
+    """Compose weighted fields, outermost first: compose with decay of the block stitch fields."""
+    from .steps.compose import ComposeParams, compose_fields, parse_terms, prepare_compose
+
+    params = ComposeParams(mip=mip, chunk_xy=chunk, max_reach=max_reach, device=device)
+    terms = parse_terms(fields or [], at or [], weights or [])
+    region = BBox.parse(bbox, bbox_mip).to_mip(mip) if bbox else None
+    t, d, r = prepare_compose(terms, dst, z, region, params, like=like)
+    _finish(compose_fields(t, d, r, params), report_json)
 
 
 @app.command()
@@ -349,17 +382,27 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's layers.")] = Path("work/demo"),
     sections: Annotated[Optional[int], typer.Option("--sections", min=2, help="Use only the first N sections.")] = None,
     device: Device = "cpu",
+    align: Annotated[bool, typer.Option("--align/--no-align", help="Run the alignment workflow on the misaligned stack.")] = True,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Workflow steps run at once.")] = 2,
 ) -> None:
-    """Misalign the sample with known fields, render, downsample and score it with CPC."""
+    """Misalign the sample with known fields, then align it with the whole workflow and score it with CPC."""
     from .demo import run_demo
 
-    result = run_demo(data, out, sections=sections, device=device)
-    before = [s["median"] for s in result.cpc_original if s["median"] is not None]
-    after = [s["median"] for s in result.cpc_misaligned if s["median"] is not None]
+    result = run_demo(data, out, sections=sections, device=device, align=align, workers=workers)
+
+    def mean_median(summaries: list[dict[str, Any]] | None) -> str:
+        values = [s["median"] for s in summaries or [] if s["median"] is not None]
+        return f"{sum(values) / len(values):.3f}" if values else "n/a"
+
     typer.echo(f"original layer:   {result.original}")
     typer.echo(f"misaligned layer: {result.misaligned}  (rendered through {result.field})")
-    typer.echo(f"median CPC of neighbours (MIP 1, 32 px windows): original {sum(before) / len(before):.3f}, "
-               f"misaligned {sum(after) / len(after):.3f}")
+    if result.aligned:
+        typer.echo(f"aligned layer:    {result.aligned}  (project {result.project}: {result.steps_run} steps run, "
+                   f"{result.steps_skipped} already done, {result.seconds:.0f} s)")
+        typer.echo(f"report:           {Path(out) / 'aligned' / 'report' / 'index.html'}")
+    typer.echo(f"mean of per-section median CPC of neighbours (MIP 1, 32 px windows): original "
+               f"{mean_median(result.cpc_original)}, misaligned {mean_median(result.cpc_misaligned)}, "
+               f"aligned {mean_median(result.cpc_aligned)}")
     typer.echo(f"view: run `seamless serve {out}` and open\n{result.link}")
 
 
@@ -375,6 +418,24 @@ def serve(
         raise InputError(f"{root} is not a folder")
     typer.echo(f"serving {root.resolve()} on http://127.0.0.1:{port} (Ctrl-C stops)")
     run(str(root), port)
+
+
+@app.command()
+def report(
+    src: Annotated[str, typer.Option("--src", help="The unaligned source image layer.")],
+    dst: Annotated[str, typer.Option("--dst", help="The alignment's destination folder (holds image, cpc, cpc_source).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for index.html and its PNGs (default: DST/report for a local DST, else ./report).")] = None,
+    z: Annotated[Optional[str], typer.Option("--z", help="Sections A:B (B excluded) to report (default: all of the aligned image).")] = None,
+    thumb_mip: Annotated[Optional[int], typer.Option("--thumb-mip", min=0, help="MIP of the thumbnails (default: the coarsest whose larger side is >= 256 px).")] = None,
+    worst: Annotated[int, typer.Option("--worst", min=1, help="How many worst sections (with thumbnails) and worst CPC windows to list.")] = 5,
+    serve_root: Annotated[Optional[str], typer.Option("--serve-root", help="Folder `seamless serve` serves, for links to local layers (default: the layers' common folder).")] = None,
+) -> None:
+    """Write an HTML quality report (CPC before/after, worst sections and windows, thumbnails) and print its path."""
+    from .report import build_report, default_out_dir
+
+    page = build_report(src, dst, out or default_out_dir(dst), z_range=parse_z(z) if z else None,
+                        thumb_mip=thumb_mip, worst=worst, serve_root=serve_root)
+    typer.echo(str(page))
 
 
 @app.command()
@@ -431,6 +492,54 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}; finished chunks are kept, rerun to continue")
 
 
+def split_marker_options(argv: list[str]) -> tuple[Any, list[str]]:
+    """`seamless --marker URL [--upstream URL ...] STEP ...`: the restart-marker wrapper of plan steps."""
+    if not argv or argv[0] not in ("--marker", "--upstream"):
+        return None, argv
+    import argparse
+
+    from .markers import MarkedStep
+
+    parser = argparse.ArgumentParser(prog="seamless", add_help=False, exit_on_error=False)
+    parser.add_argument("--marker", required=True)
+    parser.add_argument("--upstream", action="append", default=[])
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    try:
+        options = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit):
+        raise InputError("write the marker options as --marker URL [--upstream URL ...] before the step's subcommand") from None
+    if not options.command:
+        raise InputError("--marker needs a step subcommand after it, e.g. seamless --marker URL render ...")
+    return MarkedStep(options.marker, tuple(options.upstream), tuple(options.command)), list(options.command)
+
+
+def run_command(argv: list[str]) -> tuple[int, bool]:
+    """Run one command line; returns (exit code, skipped because its marker says it is done)."""
+    import time
+
+    try:
+        marked, args = split_marker_options(list(argv))
+        wanted = marked.current_hash() if marked else None
+        if marked and marked.is_done(wanted):
+            log.info("step already done with these inputs (marker %s): skipped", marked.marker)
+            return int(ExitCode.OK), True
+        started = time.monotonic()
+        _LAST_REPORT.clear()
+        app(args=args, standalone_mode=True)  # typer reports usage errors itself, with exit code 2
+    except SystemExit as exc:
+        code = int(exc.code or 0) if not isinstance(exc.code, str) else int(ExitCode.USAGE)
+        if code == 0 and marked is not None and wanted is not None:
+            marked.finish(wanted, time.monotonic() - started, dict(_LAST_REPORT))
+        return code, False
+    except SeamlessError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code), False
+    except Exception:
+        traceback.print_exc()
+        return int(ExitCode.INTERNAL), False
+    return int(ExitCode.OK), False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one clear line per user error, a traceback only for bugs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -438,18 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     _set_threads()
-    try:
-        app(args=argv, standalone_mode=True)  # typer reports usage errors itself, with exit code 2
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else int(ExitCode.USAGE)
-    except SeamlessError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return int(exc.exit_code)
-    except Exception:
-        traceback.print_exc()
-        return int(ExitCode.INTERNAL)
-    return int(ExitCode.OK)
+    return run_command(sys.argv[1:] if argv is None else argv)[0]
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+from . import cli_workflow  # noqa: E402,F401  (registers init, plan, align)

@@ -1,11 +1,13 @@
-"""The local demo: misalign the real sample with known fields, then render, downsample and score it.
+"""The local demo: misalign the real sample with known fields, then align it with the whole workflow.
 
-It runs the same step functions the `seamless` subcommands run, so it doubles as a smoke test of the
-whole core on real data; each stage prints the equivalent CLI command.
+It ingests the shared sections, renders each through a known misalignment (section 0 untouched), scores
+both with CPC, writes a project config for the misaligned stack and runs `seamless align` on it (blocks,
+vote, stitching, compose, final render, CPC, report). Each stage prints the equivalent CLI command.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from .volumes import LayerKind, create_layer, normalise_path
 log = logging.getLogger("seamless.demo")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DemoResult:
     original: str
     misaligned: str
@@ -33,9 +35,29 @@ class DemoResult:
     cpc_original: list[dict[str, Any]]
     cpc_misaligned: list[dict[str, Any]]
     link: str
+    project: Path | None = None
+    aligned: str | None = None
+    cpc_aligned: list[dict[str, Any]] | None = None
+    steps_run: int = 0
+    steps_skipped: int = 0
+    seconds: float = 0.0
 
 
-def run_demo(data: Path, out: Path, *, sections: int | None = None, device: str = "cpu", seed: int = 0) -> DemoResult:
+DEMO_PROJECT = """\
+# written by `seamless demo`: align the misaligned sample (real ssTEM neighbours, 50 nm apart)
+source: {source}
+destination: {destination}
+sections: {{start: 0, stop: {stop}}}
+stages: serial          # block matching at MIP 2, stiff: aligns neighbours without morphing them
+vote: {{k: 3}}
+blocks: {{size: 10, decay_dist: 100}}
+cpc: {{mip: 1, patch: 32}}
+device: {device}
+"""
+
+
+def run_demo(data: Path, out: Path, *, sections: int | None = None, device: str = "cpu", seed: int = 0,
+             align: bool = True, workers: int = 2) -> DemoResult:
     out = out.resolve()
     original_path = normalise_path(str(out / "original"))
     log.info("ingest: seamless ingest --images %s --dst %s --resolution 4,4,50", data, original_path)
@@ -64,9 +86,36 @@ def run_demo(data: Path, out: Path, *, sections: int | None = None, device: str 
         cparams = CpcParams(mip=1, patch=32, device=device)
         s, d, r = prepare_cpc(normalise_path(str(out / name)), cpc_path, None, cparams)
         summaries.append(cpc(s, d, r, cparams).details["sections"])
-    link = viewer_link([("original", original_path), ("misaligned", misaligned_path)], serve_root=str(out),
-                       position=(width / 2, height / 2, 1))
-    return DemoResult(original_path, misaligned_path, field_path, summaries[0], summaries[1], link)
+    layers = [("original", original_path), ("misaligned", misaligned_path)]
+    result = DemoResult(original_path, misaligned_path, field_path, summaries[0], summaries[1], "")
+    if align:
+        _align(result, out, depth, device, workers)
+        layers.append(("aligned", result.aligned or ""))
+    result.link = viewer_link(layers, serve_root=str(out), position=(width / 2, height / 2, 1))
+    return result
+
+
+def _align(result: DemoResult, out: Path, depth: int, device: str, workers: int) -> None:
+    """Write the demo's project config and run the whole workflow on the misaligned stack."""
+    from .cli_workflow import load_project
+    from .executor import StepFailed, execute
+    from .plan import build_plan
+    from .report import build_report
+
+    project = out / "project.yaml"
+    project.write_text(DEMO_PROJECT.format(source=result.misaligned, destination=normalise_path(str(out / "aligned")),
+                                           stop=depth, device=device))
+    log.info("align: seamless align %s --workers %d", project, workers)
+    plan = build_plan(load_project(project, None))
+    summary = execute(plan, workers=workers)
+    if summary.failed:
+        raise StepFailed(f"demo step {summary.failed[0]} failed; see its log under {out / 'aligned' / '.seamless' / 'logs'}",
+                         summary.exit_code)
+    build_report(plan.config.source, plan.layout.destination, out / "aligned" / "report", z_range=(0, depth))
+    result.project, result.aligned = project, plan.layout.image
+    result.steps_run, result.steps_skipped, result.seconds = len(summary.ran), len(summary.skipped), summary.seconds
+    result.cpc_aligned = [json.loads((out / "aligned" / "cpc" / "summary" / f"{z}.json").read_text())
+                          for z in range(1, depth)]
 
 
 def _downsample(path: str, kind: LayerKind, device: str) -> None:

@@ -112,7 +112,7 @@ def test_progress_lines_in_a_log_file(layers: Path, tmp_path: Path) -> None:
     """Not a terminal (an Airflow task log): periodic lines with chunks, rate, Mpx/s and ETA."""
     env = dict(os.environ, SEAMLESS_PROGRESS_INTERVAL="0")
     result = subprocess.run(
-        [sys.executable, "-m", "seamless_core.cli", *render_args(layers), "--chunk", "128"],
+        [sys.executable, "-m", "seamless_core", *render_args(layers), "--chunk", "128"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -158,7 +158,7 @@ def test_sigterm_from_a_preempted_pod_exits_130(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "seamless_core.cli", "serve", str(tmp_path), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "seamless_core", "serve", str(tmp_path), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # "serving ..." is printed after the signal handlers are installed: only then is SIGTERM the step's to handle
     assert process.stdout is not None and process.stdout.readline().startswith("serving ")

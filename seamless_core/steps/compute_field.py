@@ -38,6 +38,11 @@ class ComputeFieldParams:
     fill_missing: bool = False
     on_empty_target: str = "error"  # "init": keep the coarser field (zeros) where the target is empty
     prefetch: int = 1
+    stage_range: tuple[int, int] | None = None  # run only stages [i, j): a task per MIP stage; i > 0 starts from stage i-1's field
+
+    def selected(self) -> list[tuple[int, StageSpec]]:
+        start, stop = self.stage_range or (0, len(self.stages.stages))
+        return list(enumerate(self.stages.stages))[start:stop]
 
 
 def normalise_image(data: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -58,14 +63,16 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
 
     device = resolve_device(params.device)
     z = region.start[2]
+    selected = params.selected()
     stage_plans = [
         (stage, processing_chunks(dst, region.to_mip(stage.mip, src.factors), params.chunk_xy))
-        for stage in params.stages.stages
+        for _, stage in selected
     ]
-    _check_target(tgt, region.to_mip(params.stages.stages[0].mip, tgt.factors).with_z(tgt_z), params)
+    _check_target(tgt, region.to_mip(selected[0][1].mip, tgt.factors).with_z(tgt_z), params)
     progress = Progress(f"compute_field z={z}->{tgt_z}", sum(len(c) for _, c in stage_plans), interval=progress_interval)
     stage_reports = []
-    previous_mip: int | None = None
+    first = selected[0][0]
+    previous_mip: int | None = params.stages.stages[first - 1].mip if first > 0 else None
     for stage, chunks in stage_plans:
         estimators = [build_estimator(spec) for spec in stage.estimators]
         margin = max(int(getattr(e, "margin", 0)) for e in estimators)  # how far an estimator searches
@@ -124,6 +131,10 @@ def prepare_compute_field(src_path: str, tgt_path: str, dst_path: str, region: B
                           tgt_mask_path: str | None = None) -> tuple[Layer, Layer, Layer, BBox, Layer | None, Layer | None]:
     """Validate everything (layers, stages, region, estimators) before creating the field layer."""
     resolve_device(params.device)
+    count = len(params.stages.stages)
+    if params.stage_range is not None and not 0 <= params.stage_range[0] < params.stage_range[1] <= count:
+        raise InputError(f"--stage-range {params.stage_range[0]}:{params.stage_range[1]} is not within the "
+                         f"{count} stages (0:{count}); write it as I:J with 0 <= I < J <= {count}")
     src = open_layer(src_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--src")
     tgt = open_layer(tgt_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--tgt")
     check_same_grid(src, 0, tgt, 0, "--src and --tgt")
