@@ -41,6 +41,7 @@ ZOpt = Annotated[Optional[str], typer.Option("--z", help="Section range A:B (B e
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 Chunk = Annotated[Optional[int], typer.Option("--chunk", min=1, help="Processing chunk edge in pixels (multiple of the storage chunk).")]
 FillMissing = Annotated[bool, typer.Option("--fill-missing", help="Treat missing source chunks as black instead of failing.")]
+DownsampleTo = Annotated[Optional[int], typer.Option("--downsample-to", min=1, help="Then build MIPs --mip+1 .. this of the written region (one task instead of two).")]
 Report = Annotated[Optional[Path], typer.Option("--report-json", help="Write the step's figures as JSON here.")]
 
 
@@ -96,6 +97,7 @@ def render(
     z: ZOpt = None,
     chunk: Chunk = None,
     max_reach: Annotated[int, typer.Option("--max-reach", min=1, help="Most pixels a field may pull from beyond a chunk.")] = 4096,
+    downsample_to: DownsampleTo = None,
     device: Device = "cpu",
     fill_missing: FillMissing = False,
     report_json: Report = None,
@@ -110,7 +112,25 @@ def render(
     region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, LayerKind.IMAGE, mip)) if (bbox or z) else None
     layers = prepare_render(src, field, dst, region, params, mask_path=mask)
     s, f, d, m, r = layers
-    _finish(run(s, f, d, r, params, mask=m), report_json)
+    report = run(s, f, d, r, params, mask=m)
+    _finish(_then_downsample(report, dst, r, mip, downsample_to, device), report_json)
+
+
+def _then_downsample(report: Any, path: str, region: Any, mip: int, top: int | None, device: str) -> Any:
+    """--downsample-to: build the coarser MIPs of what the step just wrote, in the same task.
+
+    One task instead of two per section: Airflow's per-task cost dominates such short steps (docs/dags.md).
+    """
+    if top is None or top <= mip:
+        return report
+    from .steps.downsample import DownsampleParams, prepare_downsample
+    from .steps.downsample import downsample as run
+    from .volumes import LayerKind
+
+    params = DownsampleParams(src_mip=mip, dst_mip=top, device=device)
+    layer, area = prepare_downsample(path, LayerKind.IMAGE, region, params)
+    report.details["downsample"] = run(layer, area, params).as_dict()
+    return report
 
 
 @app.command()
@@ -173,6 +193,7 @@ def copy(
     bbox_mip: BBoxMip = 0,
     z: ZOpt = None,
     chunk: Chunk = None,
+    downsample_to: DownsampleTo = None,
     fill_missing: FillMissing = False,
     report_json: Report = None,
 ) -> None:
@@ -183,7 +204,10 @@ def copy(
     params = CopyParams(mip=mip, chunk_xy=chunk, fill_missing=fill_missing)
     region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, layer_kind, mip)) if (bbox or z) else None
     s, d, r = prepare_copy(src, dst, layer_kind, region, params)
-    _finish(copy_layer(s, d, r, params), report_json)
+    report = copy_layer(s, d, r, params)
+    if downsample_to is not None and layer_kind.value != "image":
+        raise InputError("--downsample-to applies to image layers; use `seamless downsample --kind` for others")
+    _finish(_then_downsample(report, dst, r, mip, downsample_to, "cpu"), report_json)
 
 
 @app.command("convert-field")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -103,7 +104,8 @@ def align(
             page = build_report(built.config.source, dst, out,
                                 z_range=(built.config.sections.start, built.config.sections.stop))
             typer.echo(f"report: {page}")
-    serve_root = built.layout.destination.removeprefix("file://") if built.layout.destination.startswith("file://") else None
+    local = [p.removeprefix("file://") for p in (built.config.source, built.layout.destination) if p.startswith("file://")]
+    serve_root = os.path.commonpath(local) if len(local) == 2 else None  # one `seamless serve` shows both
     link = viewer_link([("source", built.config.source), ("aligned", built.layout.image)], serve_root=serve_root)
     typer.echo(f"aligned image: {built.layout.image}")
     typer.echo(f"view: {'run `seamless serve ' + serve_root + '` and open ' if serve_root else ''}{link}")

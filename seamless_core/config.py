@@ -101,7 +101,7 @@ class ProjectConfig(_Strict):
     @field_validator("source", "destination")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        from .volumes import SUPPORTED_SCHEMES, normalise_path
+        from .paths import SUPPORTED_SCHEMES, normalise_path
 
         try:
             return normalise_path(value)

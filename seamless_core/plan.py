@@ -16,7 +16,8 @@ The shape (docs/workflow.md has the picture):
   stitch field (block b's frame -> block b-1's frame);
 * compose with decay: each section's final field is its block field composed under the stitch fields
   of its block and the blocks before it, each scaled by max(0, 1 - (z - s_j) / decay_dist);
-* final render at `render.mip` with mask blackout, downsample, and CPC before and after.
+* final render at `render.mip` with mask blackout and its MIP pyramid (`--downsample-to`: one task, not two),
+  and CPC before and after.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Step:
     """One `seamless` command and the steps it waits for."""
 
     id: str  # stable and filesystem/Airflow safe: also the marker name and the Airflow task id
-    kind: str  # compute_field, vote, block_start, block_render, block_downsample, stitch, compose, render, downsample, cpc, cpc_source
+    kind: str  # compute_field, vote, block_start, block_render, stitch, compose, render, cpc, cpc_source
     args: tuple[str, ...]  # the `seamless` subcommand and its options, no marker options
     deps: tuple[str, ...] = ()
     z: int | None = None
@@ -225,27 +226,20 @@ class _Builder:
         stitches = {b.index: self.stitch(b, voted[b.start]) for b in blocks[1:]}
         anchor = blocks[0].start if blocks else start
         for z in range(start, stop):
-            compose = self.compose(z, blocks, anchor, voted, stitches)
-            render = self.final_render(z, compose)
-            self.final_downsample(z, render)
+            self.final_render(z, self.compose(z, blocks, anchor, voted, stitches))
         for z in range(start + 1, stop):
             self.cpc(z)
         return Plan(self.c, self.layout, tuple(blocks), tuple(self.steps))
 
     def block_start(self, block: Block) -> str:
         z, layer = block.start, self.layout.block_image(block.index)
-        sid = self.add(Step(f"b{block.index:03d}.z{z}.start", "block_start", (
+        return self.add(Step(f"b{block.index:03d}.z{z}.start", "block_start", (
             "copy", "--src", self.c.source, "--dst", layer, "--kind", "image", "--mip", str(self.field_mip),
-            *self.region(z), *self.fill()), z=z, mip=self.field_mip, block=block.index))
-        return self.block_downsample(block, z, sid)
+            *self.block_pyramid(), *self.region(z), *self.fill()), z=z, mip=self.field_mip, block=block.index))
 
-    def block_downsample(self, block: Block, z: int, after: str) -> str:
-        if self.coarsest == self.field_mip:
-            return after
-        return self.add(Step(f"b{block.index:03d}.z{z}.downsample", "block_downsample", (
-            "downsample", "--src", self.layout.block_image(block.index), "--kind", "image",
-            "--mip", str(self.field_mip), "--dst-mip", str(self.coarsest), *self.region(z), "--device", self.c.device),
-            (after,), z=z, mip=self.field_mip, block=block.index))
+    def block_pyramid(self) -> list[str]:
+        """Targets are read at every stage's MIP: the step that writes one builds its coarser MIPs too."""
+        return ["--downsample-to", str(self.coarsest)] if self.coarsest > self.field_mip else []
 
     def section(self, block: Block, z: int, ready: dict[tuple[int, int], str]) -> str:
         """compute_field onto each target, vote, and (if a later section needs it) render into the block."""
@@ -257,11 +251,11 @@ class _Builder:
             "--mip", str(self.field_mip), "--temperature", str(self.c.vote.temperature), "--blur", str(self.c.vote.blur),
             *self._bbox_only(z), *self.common()), tuple(finals), z=z, mip=self.field_mip, block=block.index, gpu=True))
         if z < block.stop and z not in self.bad:  # a target for later sections of this block
-            render = self.add(Step(f"b{block.index:03d}.z{z}.render", "block_render", (
+            ready[(block.index, z)] = self.add(Step(f"b{block.index:03d}.z{z}.render", "block_render", (
                 "render", "--src", self.c.source, "--field", self.layout.voted, "--field-mip", str(self.field_mip),
                 "--dst", self.layout.block_image(block.index), "--mip", str(self.field_mip), *self.mask_args(self.field_mip),
-                *self.region(z), *self.common(), *self.fill()), (vote,), z=z, mip=self.field_mip, block=block.index, gpu=True))
-            ready[(block.index, z)] = self.block_downsample(block, z, render)
+                *self.block_pyramid(), *self.region(z), *self.common(), *self.fill()), (vote,), z=z, mip=self.field_mip,
+                block=block.index, gpu=True))
         return vote
 
     def compute_field(self, block: Block, z: int, rank: int, target: int, target_ready: str) -> str:
@@ -313,21 +307,17 @@ class _Builder:
         return self.add(Step(f"z{z}.compose", "compose", tuple(args), tuple(deps), z=z, mip=self.field_mip, gpu=True))
 
     def final_render(self, z: int, compose: str) -> str:
+        """Render at render.mip and build the pyramid above it (CPC and the viewer read coarser MIPs)."""
         mip = self.c.render.mip
+        top = max(self.c.cpc.mip, self.coarsest, mip + 1)
         return self.add(Step(f"z{z}.render", "render", (
             "render", "--src", self.c.source, "--field", self.layout.final_field, "--field-mip", str(self.field_mip),
-            "--dst", self.layout.image, "--mip", str(mip), *self.mask_args(mip), *self.region(z),
-            *self.common(self.c.render.chunk), *self.fill()), (compose,), z=z, mip=mip, gpu=True))
-
-    def final_downsample(self, z: int, render: str) -> str:
-        top = max(self.c.cpc.mip, self.coarsest, self.c.render.mip + 1)
-        return self.add(Step(f"z{z}.downsample", "downsample", (
-            "downsample", "--src", self.layout.image, "--kind", "image", "--mip", str(self.c.render.mip),
-            "--dst-mip", str(top), *self.region(z), "--device", self.c.device), (render,), z=z, mip=self.c.render.mip))
+            "--dst", self.layout.image, "--mip", str(mip), *self.mask_args(mip), "--downsample-to", str(top),
+            *self.region(z), *self.common(self.c.render.chunk), *self.fill()), (compose,), z=z, mip=mip, gpu=True))
 
     def cpc(self, z: int) -> None:
         common = ["--mip", str(self.c.cpc.mip), "--patch", str(self.c.cpc.patch), *self.region(z), "--device", self.c.device]
-        after = tuple(f"z{v}.downsample" for v in (z - 1, z))
+        after = tuple(f"z{v}.render" for v in (z - 1, z))
         self.add(Step(f"z{z}.cpc", "cpc", ("cpc", "--src", self.layout.image, "--dst", self.layout.cpc, *common), after,
                       z=z, mip=self.c.cpc.mip))
         self.add(Step(f"z{z}.cpc_source", "cpc_source", ("cpc", "--src", self.c.source, "--dst", self.layout.cpc_source,

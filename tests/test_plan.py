@@ -47,8 +47,8 @@ def test_vote_targets_are_odd_and_limited_to_the_block() -> None:
 def test_section_chain_dependencies() -> None:
     plan = build_plan(config())
     # section 7 in block 1 (4..8) votes over 6, 5, 4: each compute_field waits for its target's render
-    assert deps_of(plan, "z7.t1.compute_field") == {"b001.z6.downsample"}
-    assert deps_of(plan, "z7.t3.compute_field") == {"b001.z4.downsample"}
+    assert deps_of(plan, "z7.t1.compute_field") == {"b001.z6.render"}
+    assert deps_of(plan, "z7.t3.compute_field") == {"b001.z4.start"}
     assert plan.by_id["b001.z4.start"].args[0] == "copy"
     assert deps_of(plan, "z7.vote") == {"z7.t1.compute_field", "z7.t2.compute_field", "z7.t3.compute_field"}
     assert deps_of(plan, "b001.z7.render") == {"z7.vote"}
@@ -80,7 +80,7 @@ def test_decay_drops_stitches_further_than_decay_dist() -> None:
 def test_stage_granularity_chains_one_step_per_mip() -> None:
     plan = build_plan(config(granularity="stage"))
     assert [plan.by_id[f"z7.t1.m{m}.compute_field"].mip for m in (2, 1, 0)] == [2, 1, 0]
-    assert deps_of(plan, "z7.t1.m1.compute_field") == {"z7.t1.m2.compute_field", "b001.z6.downsample"}
+    assert deps_of(plan, "z7.t1.m1.compute_field") == {"z7.t1.m2.compute_field", "b001.z6.render"}
     assert "--stage-range" in plan.by_id["z7.t1.m1.compute_field"].args
     assert plan.by_id["z7.t1.m1.compute_field"].label == "z=7 mip=1 compute_field t1"
 

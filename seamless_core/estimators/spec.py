@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InputError
-from .base import Estimator
+if TYPE_CHECKING:
+    from .base import Estimator
 
 # name -> "module:factory"; factories take the params as keyword arguments and validate them.
 REGISTRY: dict[str, str] = {
