@@ -150,3 +150,31 @@ def test_init_writes_a_config_that_plans(plumbing, tmp_path, capsys) -> None:
     assert main(["plan", str(out)]) == ExitCode.OK
     assert "block 1: sections 10..12" in capsys.readouterr().out
     assert main(["init", "--src", str(stack.path), "--dst", str(tmp_path / "out"), "--out", str(out)]) == ExitCode.INVALID_INPUT
+
+
+def test_a_second_run_into_the_same_destination_is_refused_while_one_runs(plumbing, tmp_path) -> None:
+    stack, _ = plumbing
+    first = write_project(tmp_path, stack.path, "shared")
+    overlapping = tmp_path / "overlap.yaml"  # another section range, same destination
+    overlapping.write_text(PROJECT.format(source=stack.path, destination=tmp_path / "shared", stop=6))
+    lock = tmp_path / "shared" / ".seamless" / "lock"
+    command = [sys.executable, "-m", "seamless_core", "align", str(first), "--workers", "1", "--no-report"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (lock.exists() and lock.read_text()):
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, "-m", "seamless_core", "align", str(overlapping), "--no-report"],
+                                capture_output=True, text=True, timeout=120)
+        assert process.poll() is None, "the first run ended before the second tried"
+        assert second.returncode == ExitCode.INVALID_INPUT, second.stderr[-2000:]
+        assert "another `seamless align` is writing into" in second.stderr and f'"pid": {process.pid}' in second.stderr
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # the kernel released the dead holder's lock: a rerun is not blocked by a stale file
+    assert main(["plan", str(overlapping)]) == ExitCode.OK
+    from seamless_core.executor import destination_lock
+
+    with destination_lock(build_plan(load_config(overlapping))):
+        pass
