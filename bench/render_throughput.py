@@ -15,9 +15,10 @@ What it does, in one run:
    * read-only (image, field) and write-only (image) throughput of the same layers, chunk by chunk;
    * what-if rows that need no code change: the render and the write into an image layer with the other
      compression setting (gzip where the project's default for images is raw, raw where it is gzip);
-3. profiles one render phase by phase (field read, source region, source read, to_tensor, grid
-   building, grid_sample, to_numpy, encoding, the rest of the write), one phase after another and
-   with one torch thread, so that each phase's time is its CPU cost;
+3. profiles one render phase by phase (field read, field extent, source read, source to float32,
+   grid building, grid_sample, rounding to uint8, chunk bytes, the rest of the write), calling the
+   functions render() calls, one phase after another and with one torch thread, so that each phase's
+   time is its CPU cost;
 4. prints markdown tables and, with --out, rewrites the part of that file between
    ``<!-- render-throughput:start -->`` and ``<!-- render-throughput:end -->``.
 
@@ -38,7 +39,6 @@ import ctypes
 import datetime as _dt
 import gc
 import glob
-import inspect
 import os
 import platform
 import re
@@ -59,8 +59,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from seamless_core import fields  # noqa: E402
 from seamless_core.geometry import BBox, chunk_grid  # noqa: E402
-from seamless_core.steps.common import processing_chunks, read_field, to_numpy, to_tensor  # noqa: E402
-from seamless_core.steps.render import RenderParams, prepare_render, render, source_region  # noqa: E402
+from seamless_core.steps.common import processing_chunks, read_clamped, to_numpy, to_tensor  # noqa: E402
+from seamless_core.steps.render import (  # noqa: E402
+    RenderParams,
+    SourceWindow,
+    field_extent,
+    image_tensor,
+    prepare_render,
+    render,
+    source_box,
+    to_layer_dtype,
+)
+from seamless_core.steps.render import normalised_grid as render_grid  # noqa: E402
 from seamless_core.synthetic import smooth_random_field  # noqa: E402
 from seamless_core.volumes import (  # noqa: E402
     Layer,
@@ -445,12 +455,11 @@ class Timers:
         self.total[phase] = self.total.get(phase, 0.0) + time.perf_counter() - t0
 
 
-WRITE = "write (CloudVolume: chunking, encoding, staging, rename)"
-FIELD_READ = "field read (read_field)"
+WRITE = "write (Layer.write: chunk files, staging, fsync, rename)"
 
 
 def profile_once(inp: Inputs, chunk: int, device: torch.device, run: int) -> tuple[dict[str, float], dict]:
-    """The steps of render()'s load and compute (render_chunk's two halves inlined) and of dst.write."""
+    """The calls render() makes per chunk (its load and compute, in order) and dst.write, each timed."""
     from cloudfiles import compression
 
     params = RenderParams(mip=0, field_mip=0, chunk_xy=chunk, device=str(device))
@@ -459,53 +468,44 @@ def profile_once(inp: Inputs, chunk: int, device: torch.device, run: int) -> tup
     compress = dst.seamless_info.get("compress")
     storage = dst.chunk_size(0)
     t = Timers(device)
-    check_finite = "torch.isfinite(field).all()" in inspect.getsource(read_field)
-    stats = {"chunks": 0, "storage_chunks_read": 0, "source_px_read": 0, "storage": storage}
+    stats = {"chunks": 0, "storage_chunks_read": 0, "source_px_read": 0, "source_px_copied": 0,
+             "storage": storage}
     for box in processing_chunks(dst, region, chunk):
-        with t(FIELD_READ):
-            displacement = read_field(fld, box, 0, device)
-        if check_finite:  # read_field's finiteness check, timed apart on the same tensor
-            with t("isfinite alone"):
-                bool(torch.isfinite(displacement).all())
-        with t("source region (source_region: field min/max)"):
-            origin = source_region(box, displacement)
-        with t(f"source read (Layer.read, decode {src.seamless_info.get('compress') or 'raw'})"):
+        # = read_displacement(fld, box, 0, device), its two halves timed apart
+        with t("field read (Layer.read of the field, to a tensor)"):
+            displacement = to_tensor(read_clamped(fld, box), device)
+        with t("field extent (per-channel aminmax: source region and finiteness check)"):
+            extent = field_extent(displacement)
+            origin = source_box(box, extent)
+        with t(f"source read (Layer.read, {src.seamless_info.get('compress') or 'raw'})"):
             raw = src.read(origin)
-        with t("to_tensor (uint8 -> float32)"):
-            image = to_tensor(raw, device)
-        with t("grid building (field + pixels + offset, normalise)"):  # = render_chunk + fields.sample
-            offset = torch.tensor([box.start[0] - origin.start[0], box.start[1] - origin.start[1]],
-                                  dtype=displacement.dtype, device=device).view(1, 2, 1, 1)
-            coords = displacement + fields.pixel_grid(box.size[1], box.size[0], device=device) + offset
-            scale, shift = fields._norm_affine(image.shape[-2], image.shape[-1], device, torch.float32)
-            grid = torch.addcmul(shift, coords.permute(0, 2, 3, 1), scale)
+        with t("source to float32 (image_tensor)"):
+            image = image_tensor(raw, device)
+        window = SourceWindow(displacement, image, origin, None)
+        with t("grid building (normalised_grid, in place)"):  # = render_chunk's two calls
+            grid = render_grid(window, box, in_place=True)
         with t("grid_sample"):
             out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        with t("to_numpy (round, clamp, uint8)"):
-            result = to_numpy(out, dst.dtype)
-        with t("encode alone"):  # what CloudVolume's encoder does per storage chunk, timed apart
+        with t("round to uint8 (to_layer_dtype)"):
+            result = to_layer_dtype(out, dst.dtype)
+        with t("encode alone"):  # the chunk files' bytes (and compression, if any), timed apart
             for y in range(0, box.size[1], storage[1]):
                 for x in range(0, box.size[0], storage[0]):
-                    piece = result[0, 0, y : y + storage[1], x : x + storage[0]].T.tobytes("F")
-                    compression.compress(piece, compress or None)
+                    piece = np.ascontiguousarray(result[0, 0, y : y + storage[1], x : x + storage[0]])
+                    compression.compress(piece.tobytes(), compress or None)
         with t(WRITE):
             dst.write(box, result)
-        aligned = origin.aligned_to(storage, (0, 0, 0)).intersection(src.bounds(0))
         stats["chunks"] += 1
-        stats["storage_chunks_read"] += (aligned.size[0] // storage[0]) * (aligned.size[1] // storage[1])
+        inside = origin.intersection(src.bounds(0))
+        aligned = inside.aligned_to(storage, (0, 0, 0)).intersection(src.bounds(0))
+        stats["storage_chunks_read"] += -(-aligned.size[0] // storage[0]) * -(-aligned.size[1] // storage[1])
         stats["source_px_read"] += origin.size[0] * origin.size[1]
+        stats["source_px_copied"] += aligned.size[0] * inside.size[1]  # the rows it needs, whole chunk rows
     shutil.rmtree(dst_path, ignore_errors=True)
     phases = dict(t.total)
     encode, write = phases.pop("encode alone"), phases.pop(WRITE)
-    phases[f"write: encoding ({compress or 'raw'}, timed apart)"] = min(encode, write)
-    phases["write: the rest (chunking, copies, staging files, fsync, rename)"] = max(0.0, write - encode)
-    field_read = phases.pop(FIELD_READ)
-    if check_finite:
-        finite = phases.pop("isfinite alone")
-        phases["field read: torch.isfinite(field).all() (timed apart)"] = min(finite, field_read)
-        phases["field read: the rest (Layer.read, to_tensor)"] = max(0.0, field_read - finite)
-    else:
-        phases["field read (read_field)"] = field_read
+    phases[f"write: chunk bytes ({compress or 'raw'}, timed apart)"] = min(encode, write)
+    phases["write: the rest (staging files, fsync, rename, folder fsync)"] = max(0.0, write - encode)
     return phases, stats
 
 
@@ -591,13 +591,15 @@ def report(cases: list[Case], ref: Case, main: Case, env: list[tuple[str, str]],
     if phases:
         total = sum(phases.values())
         px = main.megapixels
-        decoded = stats["storage_chunks_read"] * stats["storage"][0] * stats["storage"][1] / 1e6
+        whole = stats["storage_chunks_read"] * stats["storage"][0] * stats["storage"][1] / 1e6
+        copied = stats["source_px_copied"] / 1e6
         out += [
             "",
             f"Phase profile of the render (chunk {chunk}, field MIP 0, {stats['chunks']} chunks): the calls "
             "`render` makes, one phase after another with no read-ahead or write-behind, so the phases add "
-            "up; torch runs with one thread here (on the CPU), so each phase's time is its CPU cost; per "
-            f"phase the least time of {PROFILE_RUNS} runs.",
+            "up; torch runs with one thread here (on the CPU), so each phase's time is its CPU cost (the "
+            "write's also its wait for fsync); per phase the least time of "
+            f"{PROFILE_RUNS} runs.",
             "",
             "| phase | s | share | Mpx/s alone |",
             "|---|---:|---:|---:|",
@@ -605,10 +607,10 @@ def report(cases: list[Case], ref: Case, main: Case, env: list[tuple[str, str]],
               for k, v in sorted(phases.items(), key=lambda kv: -kv[1])],
             f"| **total, sequential** | {total:.3f} | 100 % | {px / total:.1f} |",
             "",
-            f"Source reads: {stats['source_px_read'] / 1e6:.1f} Mpx requested, "
-            f"{stats['storage_chunks_read']} storage chunks of {stats['storage'][0]}² = {decoded:.1f} Mpx "
-            f"read and decoded, for {px:.1f} Mpx "
-            f"rendered ({decoded / px:.1f}x).",
+            f"Source reads: {stats['source_px_read'] / 1e6:.1f} Mpx requested for {px:.1f} Mpx rendered. "
+            f"They touch {stats['storage_chunks_read']} storage chunks of {stats['storage'][0]}² "
+            f"({whole:.1f} Mpx, {whole / px:.1f}x, what a whole-chunk reader decodes); the direct file:// "
+            f"read of raw chunks copies only the rows it needs, {copied:.1f} Mpx ({copied / px:.2f}x).",
         ]
     return "\n".join(out)
 

@@ -4,6 +4,12 @@ Why: a step spends its time in three places (storage reads, torch compute, stora
 the next chunks and writes of finished ones run in threads while the main thread computes, so the
 device is not idle waiting on storage. Memory stays bounded: at most `prefetch` chunks are read ahead
 and at most `prefetch` writes are in flight.
+
+Threads: torch's intra-op threads belong to the compute; on a CPU-bound step whose reads and writes
+are real work too (the render on file://: copying 150 MiB per 4096² section through the page cache),
+a compute using every core competes with its own I/O threads, and OpenMP teams wait on preempted
+members. Such a step passes `compute_threads` and `io_threads` (splitting the cores between the two)
+for the duration of the run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
+
+import torch
 
 from .geometry import BBox
 from .progress import Progress
@@ -29,11 +37,38 @@ def run_chunks(
     *,
     prefetch: int = 2,
     pixels: Callable[[BBox], int] | None = None,
+    compute_threads: int | None = None,
+    io_threads: int | None = None,
 ) -> None:
     """Run load -> compute -> store over `chunks`, overlapping I/O with compute.
 
     `pixels` counts the input pixels a chunk stands for (default: its own voxels) for the Mpx/s figure.
+    `compute_threads` sets torch's intra-op threads while the chunks run (restored afterwards).
+    `io_threads` is how many loads (and how many stores) may run at once; default `prefetch`. Fewer
+    than `prefetch` keeps the read-ahead depth while bounding the cores that I/O takes.
     """
+    workers = max(1, io_threads if io_threads is not None else prefetch)
+    threads = torch.get_num_threads()
+    if compute_threads is not None and compute_threads != threads:
+        torch.set_num_threads(max(1, compute_threads))
+        try:
+            _run(chunks, load, compute, store, progress, prefetch, pixels, workers)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        _run(chunks, load, compute, store, progress, prefetch, pixels, workers)
+
+
+def _run(
+    chunks: Iterable[BBox],
+    load: Callable[[BBox], Loaded],
+    compute: Callable[[BBox, Loaded], Result],
+    store: Callable[[BBox, Result], None],
+    progress: Progress,
+    prefetch: int,
+    pixels: Callable[[BBox], int] | None,
+    workers: int,
+) -> None:
     pending_reads: deque[tuple[BBox, Future[Loaded]]] = deque()
     pending_writes: deque[Future[None]] = deque()
     chunk_iter = iter(chunks)
@@ -49,8 +84,8 @@ def run_chunks(
         store(chunk, result)
         progress.advance(1, pixels(chunk) if pixels else chunk.size[0] * chunk.size[1] * chunk.size[2])
 
-    with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="read") as readers, ThreadPoolExecutor(
-        max_workers=max(1, prefetch), thread_name_prefix="write"
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as readers, ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="write"
     ) as writers:
         try:
             fill(readers)

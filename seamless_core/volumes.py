@@ -13,6 +13,8 @@ import copy
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,11 +31,11 @@ from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import InputError, LayerError, StorageError
+from .paths import SUPPORTED_SCHEMES, normalise_path  # noqa: F401  (re-exported: steps import them from here)
 from .geometry import BBox, Vec3
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMES = ("file", "gs", "s3")
 INFO_KEY = "seamless"
 DEFAULT_CHUNK_XY = 512  # storage chunk of derived layers: 1 MiB of float32 field per chunk and section
 FIELD_CONVENTION: dict[str, Any] = {
@@ -83,19 +85,6 @@ LAYER_SPECS: dict[LayerKind, LayerSpec] = {
     LayerKind.MASK: LayerSpec(("uint8",), 1),
     LayerKind.QUALITY: LayerSpec(("float32",), 1),
 }
-
-
-def normalise_path(path: str) -> str:
-    """A CloudVolume path with an explicit scheme; bare local paths become file:// URLs."""
-    if "://" not in path:
-        return "file://" + os.path.abspath(path)
-    scheme = path.split("://", 1)[0]
-    if scheme not in SUPPORTED_SCHEMES:
-        raise InputError(
-            f"unsupported storage scheme {scheme!r} in {path!r}: use one of "
-            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
-        )
-    return path.rstrip("/")
 
 
 def storage_secrets(path: str) -> Any:
@@ -223,6 +212,10 @@ class Layer:
 
     def read(self, bbox: BBox) -> np.ndarray:
         """Voxels of `bbox` as (z, c, y, x); zeros outside the volume's bounds."""
+        if self._direct_io(bbox.mip):
+            direct = self._read_file_direct(bbox)
+            if direct is not None:
+                return direct
 
         def _read() -> np.ndarray:
             return np.asarray(self.cv(bbox.mip)[bbox.to_slices()])
@@ -246,6 +239,9 @@ class Layer:
         if str(data.dtype) != self.dtype:
             raise ValueError(f"writing {data.dtype} data to {self.dtype} layer {self.path}")
         self._check_aligned(bbox)
+        if self._direct_io(bbox.mip):
+            with_retries(lambda: self._write_file_direct(bbox, data), f"writing {self.path} {bbox}")
+            return
         cutout = data.transpose(3, 2, 0, 1)  # (x, y, z, c), a view
         if self.scheme == "file":
             with_retries(lambda: self._write_file_atomic(bbox, cutout), f"writing {self.path} {bbox}")
@@ -288,6 +284,122 @@ class Layer:
                     os.fsync(handle.fileno())
             for name in names:
                 os.replace(os.path.join(staging, key, name), os.path.join(target_dir, name))
+            _fsync_dir(target_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # -- direct file:// I/O for raw, unsharded layers --------------------------------------------------
+    # CloudVolume's precomputed path spends more than the copies themselves on file:// (per-call handles
+    # and chunk objects, decode and render-buffer copies, a staging CloudVolume per write): measured on a
+    # 4096² section in 1024² boxes, 0.064 s against 0.033 s to read a float32 field and 0.076 s against
+    # 0.04 s to write a uint8 image (fsync included). For raw chunks on a local filesystem the format is
+    # trivial, so reads and writes go straight to the chunk files. The layout is exactly
+    # CloudVolume's: one file per chunk named x0-x1_y0-y1_z0-z1 (clipped to the bounds) under the scale's
+    # key, holding the (x, y, z, c) chunk in Fortran order, i.e. (c, z, y, x) in C order. Anything
+    # unusual (a missing or compressed chunk, a size mismatch) falls back to CloudVolume, which then
+    # fills, decodes or reports it exactly as before.
+    def _direct_io(self, mip: int) -> bool:
+        if self.scheme != "file" or self.seamless_info.get("compress") or sys.byteorder != "little":
+            return False
+        if not hasattr(os, "preadv"):  # pragma: no cover - not on Windows or macOS < 11
+            return False
+        scale = self.scale(mip)
+        return scale.get("encoding", "raw") == "raw" and not scale.get("sharding")
+
+    def _chunk_files(self, bbox: BBox) -> tuple[str, list[tuple[str, BBox]]]:
+        """The chunk files that `bbox` (clipped to the bounds) touches, with each file's own box."""
+        scale = self.scale(bbox.mip)
+        chunk = self.chunk_size(bbox.mip)
+        offset = self.voxel_offset(bbox.mip)
+        bounds = self.bounds(bbox.mip)
+        inside = bbox.intersection(bounds)
+        folder = os.path.join(urlparse(self.path).path, scale["key"])
+        if inside.is_empty:
+            return folder, []
+        ranges = []
+        for axis in range(3):
+            first = (inside.start[axis] - offset[axis]) // chunk[axis]
+            last = -(-(inside.stop[axis] - offset[axis]) // chunk[axis])
+            ranges.append([(offset[axis] + i * chunk[axis],
+                            min(offset[axis] + (i + 1) * chunk[axis], bounds.stop[axis]))
+                           for i in range(first, last)])
+        files = []
+        for z0, z1 in ranges[2]:
+            for y0, y1 in ranges[1]:
+                for x0, x1 in ranges[0]:
+                    box = BBox((x0, y0, z0), (x1, y1, z1), bbox.mip)
+                    files.append((f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}", box))
+        return folder, files
+
+    def _read_file_direct(self, bbox: BBox) -> np.ndarray | None:
+        """`bbox` read straight from raw chunk files; None where CloudVolume must handle it.
+
+        Per file only the rows the box needs (whole chunk rows) are read, with pread into a reused
+        per-thread buffer, and copied once into the result: no per-call CloudVolume objects, no decode
+        copies, and the render's padded, overlapping reads need no decoded-chunk LRU (the page cache
+        serves the rows they share).
+        """
+        dtype = np.dtype(self.dtype)
+        channels = self.num_channels
+        shape = (bbox.size[2], channels, bbox.size[1], bbox.size[0])
+        bounds = self.bounds(bbox.mip)
+        folder, files = self._chunk_files(bbox)
+        out = np.empty(shape, dtype) if bounds.contains(bbox) else np.zeros(shape, dtype)
+        for name, box in files:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except FileNotFoundError:  # missing or compressed: CloudVolume fills, decodes or reports it
+                return None
+            try:
+                cx, cy, cz = box.size
+                if os.fstat(fd).st_size != cx * cy * cz * channels * dtype.itemsize:
+                    return None  # torn or foreign: CloudVolume's decoder reports it
+                part = box.intersection(bbox)
+                xa, ya, za = (part.start[i] - box.start[i] for i in range(3))
+                xb, yb, zb = (part.stop[i] - box.start[i] for i in range(3))
+                row = cx * dtype.itemsize
+                span = (yb - ya) * row
+                buffer = _read_buffer(span)
+                rows = np.frombuffer(buffer, dtype, count=(yb - ya) * cx).reshape(yb - ya, cx)
+                ox, oy, oz = (part.start[i] - bbox.start[i] for i in range(3))
+                for c in range(channels):
+                    for z in range(za, zb):
+                        _pread_exact(fd, memoryview(buffer)[:span], ((c * cz + z) * cy + ya) * row)
+                        out[oz + z - za, c, oy : oy + yb - ya, ox : ox + xb - xa] = rows[:, xa:xb]
+            finally:
+                os.close(fd)
+        return out
+
+    def _write_file_direct(self, bbox: BBox, data: np.ndarray) -> None:
+        """Write raw chunk files to a private staging folder, fsync them, rename them into place, then
+        fsync the chunk folder: the same old-or-new guarantee per chunk as `_write_file_atomic`, and
+        the renames are durable once the call returns."""
+        folder, files = self._chunk_files(bbox)
+        staging = os.path.join(urlparse(self.path).path, ".staging", uuid.uuid4().hex)
+        os.makedirs(staging)
+        try:
+            handles: list[int] = []
+            try:
+                for name, box in files:
+                    part = data[
+                        box.start[2] - bbox.start[2] : box.stop[2] - bbox.start[2],
+                        :,
+                        box.start[1] - bbox.start[1] : box.stop[1] - bbox.start[1],
+                        box.start[0] - bbox.start[0] : box.stop[0] - bbox.start[0],
+                    ]
+                    piece = np.ascontiguousarray(part.transpose(1, 0, 2, 3))  # (c, z, y, x): raw chunk bytes
+                    fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                    handles.append(fd)
+                    _write_all(fd, memoryview(piece).cast("B"))
+                for fd in handles:  # durable before visible: a node crash cannot expose an empty chunk
+                    os.fsync(fd)
+            finally:
+                for fd in handles:
+                    os.close(fd)
+            os.makedirs(folder, exist_ok=True)
+            for name, _ in files:
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            _fsync_dir(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -295,6 +407,45 @@ class Layer:
         cv = CloudVolume(self.path, info=self.info, progress=False, secrets=storage_secrets(self.path))
         with_retries(cv.commit_info, f"writing the info file of {self.path}")
         self._handles.clear()
+
+
+_THREAD_BUFFERS = threading.local()
+
+
+def _read_buffer(size: int) -> bytearray:
+    """A per-thread scratch buffer of at least `size` bytes, reused across reads (no page faults)."""
+    buffer = getattr(_THREAD_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        _THREAD_BUFFERS.buffer = buffer
+    return buffer
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise EOFError(f"chunk file shorter than expected at byte {offset}")
+        view, offset = view[n:], offset + n
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames into `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 STALE_STAGING_S = 6 * 3600  # no write takes hours: older staging folders belong to killed writers

@@ -99,10 +99,13 @@ def check_finite(layer: Layer, box: BBox, field: torch.Tensor) -> torch.Tensor:
     """Refuse NaN or infinite displacements. aminmax, not isfinite().all(): 12x cheaper per chunk (measured)."""
     low, high = torch.aminmax(field)
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        raise InputError(
-            f"field {layer.path} holds NaN or infinite values in {box}; recompute that section's field"
-        )
+        raise field_not_finite(layer, box)
     return field
+
+
+def field_not_finite(layer: Layer, box: BBox) -> InputError:
+    """The error for a field holding NaN or infinite displacements in `box`."""
+    return InputError(f"field {layer.path} holds NaN or infinite values in {box}; recompute that section's field")
 
 
 def read_mask(layer: Layer, box: BBox, mask_mip: int, device: torch.device) -> torch.Tensor:
