@@ -144,6 +144,12 @@ class BBox:
         return f"[{x0},{y0},{z0}:{x1},{y1},{z1}]@mip{self.mip}"
 
 
+def reach_beyond(chunk: BBox, window: BBox) -> int:
+    """How far (px) `window` extends beyond `chunk` on its worst side: what a field pulls from outside."""
+    return max(chunk.start[0] - window.start[0], window.stop[0] - chunk.stop[0],
+               chunk.start[1] - window.start[1], window.stop[1] - chunk.stop[1])
+
+
 def chunk_grid(region: BBox, chunk_size: Vec3, grid_offset: Vec3, bounds: BBox | None = None) -> Iterator[BBox]:
     """Chunks of a grid (aligned to `grid_offset`) that cover `region`, clipped to `bounds`.
 

@@ -22,7 +22,7 @@ import torch
 from .. import fields
 from ..devices import resolve_device
 from ..errors import DisplacementTooLarge, InputError
-from ..geometry import BBox
+from ..geometry import BBox, reach_beyond
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
 from ..volumes import Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
@@ -69,8 +69,7 @@ def compose_fields(terms: list[ComposeTerm], dst: Layer, region: BBox, params: C
 def _sample_term(term: ComposeTerm, chunk: BBox, displacement: torch.Tensor, params: ComposeParams) -> torch.Tensor:
     """term(p + d(p)) over the chunk, reading only the window that p + d reaches."""
     window = source_region(chunk, displacement)
-    reach = max(chunk.start[0] - window.start[0], window.stop[0] - chunk.stop[0],
-                chunk.start[1] - window.start[1], window.stop[1] - chunk.stop[1])
+    reach = reach_beyond(chunk, window)
     if reach > params.max_reach:
         raise DisplacementTooLarge(
             f"composing {term.layer.path}: displacements reach {reach} px beyond chunk {chunk}, more than "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import fields
 from ..devices import resolve_device
 from ..errors import DisplacementTooLarge, InputError
-from ..geometry import BBox
+from ..geometry import BBox, reach_beyond
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
 from ..volumes import SOURCE_CACHE_BYTES, Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
@@ -197,8 +197,7 @@ def render(
     def load(chunk: BBox) -> SourceWindow:
         displacement, extent = read_displacement(field, chunk, field_mip, device)
         origin = source_box(chunk, extent)
-        reach = max(chunk.start[0] - origin.start[0], origin.stop[0] - chunk.stop[0],
-                    chunk.start[1] - origin.start[1], origin.stop[1] - chunk.stop[1])
+        reach = reach_beyond(chunk, origin)
         if reach > params.max_reach:
             raise DisplacementTooLarge(
                 f"field {field.path} pulls pixels {reach} px (MIP {params.mip}) beyond chunk {chunk}, more "
