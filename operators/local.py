@@ -19,12 +19,13 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from datetime import timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from .step_args import checked_step, with_retry_defaults
 
 if TYPE_CHECKING:
     from seamless_core.plan import Plan, Step
@@ -168,12 +169,8 @@ class SeamlessLocalOperator(_Planned, BaseOperator):
 
     def __init__(self, *, step: list[str], pool_kind: str = "gpu", plan_ref: PlanStepRef | None = None,
                  kill_grace: float = 30.0, env: dict[str, str] | None = None, **kwargs: Any) -> None:
-        if isinstance(step, str) or not step or not all(isinstance(a, str) for a in step):
-            raise TypeError("step must be a non-empty list of arguments, e.g. ['render', '--z', '12'], never a shell string")
-        kwargs.setdefault("retries", 2)
-        kwargs.setdefault("retry_delay", timedelta(seconds=30))
-        kwargs.setdefault("retry_exponential_backoff", True)
-        kwargs.setdefault("max_retry_delay", timedelta(minutes=10))
+        step = checked_step(step)
+        with_retry_defaults(kwargs, retries=2)
         super().__init__(**kwargs)
         self.step = list(step)
         self.pool_kind = pool_kind

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
 from .settings import load_settings, pod_template
+from .step_args import checked_step, with_retry_defaults
 
 
 class SeamlessPodOperator(KubernetesPodOperator):
@@ -21,12 +21,8 @@ class SeamlessPodOperator(KubernetesPodOperator):
 
     def __init__(self, *, step: list[str], pool_kind: str = "gpu", settings: dict[str, Any] | None = None,
                  shm_size: str = "2Gi", **kwargs: Any) -> None:
-        if isinstance(step, str) or not step or not all(isinstance(a, str) for a in step):
-            raise TypeError("step must be a non-empty list of arguments, e.g. ['render', '--z', '12'], never a shell string")
-        kwargs.setdefault("retries", 4)
-        kwargs.setdefault("retry_delay", timedelta(seconds=30))
-        kwargs.setdefault("retry_exponential_backoff", True)
-        kwargs.setdefault("max_retry_delay", timedelta(minutes=10))
+        step = checked_step(step)
+        with_retry_defaults(kwargs, retries=4)
         super().__init__(
             name=f"seamless-{step[0]}",
             arguments=list(step),

@@ -94,16 +94,11 @@ def align(
         raise StepFailed(f"step {summary.failed[0]} failed; fix the cause and rerun `seamless align {config}`: "
                          "finished steps are kept and skipped", summary.exit_code)
     if report:
-        try:
-            from .report import build_report
-        except ImportError:  # pragma: no cover - the report module ships with the package
-            build_report = None
-        if build_report is not None:
-            dst = built.layout.destination
-            out = Path(dst.removeprefix("file://")) / "report" if dst.startswith("file://") else Path("report")
-            page = build_report(built.config.source, dst, out,
-                                z_range=(built.config.sections.start, built.config.sections.stop))
-            typer.echo(f"report: {page}")
+        from .report import build_report, default_out_dir
+
+        page = build_report(built.config.source, built.layout.destination, default_out_dir(built.layout.destination),
+                            z_range=(built.config.sections.start, built.config.sections.stop))
+        typer.echo(f"report: {page}")
     local = [p.removeprefix("file://") for p in (built.config.source, built.layout.destination) if p.startswith("file://")]
     serve_root = os.path.commonpath(local) if len(local) == 2 else None  # one `seamless serve` shows both
     link = viewer_link([("source", built.config.source), ("aligned", built.layout.image)], serve_root=serve_root)

@@ -100,7 +100,7 @@ def _align(result: DemoResult, out: Path, depth: int, device: str, workers: int)
     from .cli_workflow import load_project
     from .executor import StepFailed, execute
     from .plan import build_plan
-    from .report import build_report
+    from .report import build_report, default_out_dir
 
     project = out / "project.yaml"
     project.write_text(DEMO_PROJECT.format(source=result.misaligned, destination=normalise_path(str(out / "aligned")),
@@ -111,7 +111,7 @@ def _align(result: DemoResult, out: Path, depth: int, device: str, workers: int)
     if summary.failed:
         raise StepFailed(f"demo step {summary.failed[0]} failed; see its log under {out / 'aligned' / '.seamless' / 'logs'}",
                          summary.exit_code)
-    build_report(plan.config.source, plan.layout.destination, out / "aligned" / "report", z_range=(0, depth))
+    build_report(plan.config.source, plan.layout.destination, default_out_dir(plan.layout.destination), z_range=(0, depth))
     result.project, result.aligned = project, plan.layout.image
     result.steps_run, result.steps_skipped, result.seconds = len(summary.ran), len(summary.skipped), summary.seconds
     result.cpc_aligned = [json.loads((out / "aligned" / "cpc" / "summary" / f"{z}.json").read_text())
