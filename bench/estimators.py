@@ -35,6 +35,9 @@ METHODS: dict[str, list[dict] | None] = {
     "block matching @ 2, finetuner @ 1": [{"mip": 2, "estimators": [{"name": "block_matching"}]},
                                           {"mip": 1, "estimators": [{"name": "finetuner"}]}],
     "default: block matching @ 2, finetuner @ 1, @ 0": None,
+    "serial-fine: block matching + finetuner @ 2, finetuner @ 1": [
+        {"mip": 2, "estimators": [{"name": "block_matching"}, {"name": "finetuner"}]},
+        {"mip": 1, "estimators": [{"name": "finetuner"}]}],
     "pyramid @ 2, finetuner @ 1, @ 0": [{"mip": 2, "estimators": [{"name": "pyramid"}]},
                                         {"mip": 1, "estimators": [{"name": "finetuner"}]},
                                         {"mip": 0, "estimators": [{"name": "finetuner"}]}],
@@ -44,7 +47,7 @@ METHODS: dict[str, list[dict] | None] = {
 def tvl1(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     from skimage.registration import optical_flow_tvl1
 
-    v, u = optical_flow_tvl1(reference[0, 0].numpy(), moving[0, 0].numpy())
+    v, u = optical_flow_tvl1(reference[0, 0].cpu().numpy(), moving[0, 0].cpu().numpy())  # CPU only
     return torch.from_numpy(np.stack([u, v])[None].astype(np.float32))
 
 

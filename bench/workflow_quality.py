@@ -137,7 +137,7 @@ def table(r: dict) -> str:
         f"{r['neighbour_corr_ratio_published']:.3f} / {r['neighbour_corr_ratio_deformed']:.3f} | 0.95–1.3 |",
         f"| drift of the aligned published stack vs its published geometry, median / max per section | "
         f"{r['drift_median_px']:.2f} / {r['drift_max_px']:.2f} px | reported |",
-        f"| sections right after a block boundary, robustness median | "
+        "| sections right after a block boundary, robustness median | "
         + ", ".join(f"z={z}: {v:.2f}" for z, v in r["after_boundary_medians_px"].items())
         + f" px (others' median {r['others_median_px']:.2f} px) | ≤ 1.5 × others |",
     ]
@@ -153,7 +153,7 @@ def table(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=30)
-    parser.add_argument("--stages", default="serial", help="stage preset (serial, exact)")
+    parser.add_argument("--stages", default="serial", help="stage preset (serial, serial-fine, exact)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="rewrite the workflow-quality section of this markdown file")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")

@@ -242,7 +242,7 @@ def convert_field(
 
 
 def load_stages(text: str | None) -> Any:
-    """--stages: a preset name (exact, serial), a YAML/JSON file, or inline JSON; None gives the defaults."""
+    """--stages: a preset name (exact, serial, serial-fine), a YAML/JSON file, or inline JSON; None gives the defaults."""
     from .estimators.spec import PRESETS, parse_stages, preset
 
     if text is None:
@@ -267,7 +267,7 @@ def compute_field(
     z: Annotated[int, typer.Option("--z", help="Source section.")],
     offset: Annotated[int, typer.Option("--offset", min=1, help="Target section is z - offset.")] = 1,
     tgt_z: Annotated[Optional[int], typer.Option("--tgt-z", help="Explicit target section (overrides --offset).")] = None,
-    stages: Annotated[Optional[str], typer.Option("--stages", help="Stage spec: a preset (exact: the default, block matching at MIP 2 then finetuner at MIP 1 and 0; serial: block matching at MIP 2 for real neighbours), a YAML/JSON file, or inline JSON.")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Stage spec: a preset (exact: the default, block matching at MIP 2 then finetuner at MIP 1 and 0; serial: block matching at MIP 2 for real neighbours, fast; serial-fine: block matching + finetuner at MIP 2, finetuner at MIP 1), a YAML/JSON file, or inline JSON.")] = None,
     src_mask: Annotated[Optional[str], typer.Option("--src-mask", help="Defect mask of the source sections.")] = None,
     tgt_mask: Annotated[Optional[str], typer.Option("--tgt-mask", help="Defect mask of the target sections.")] = None,
     bbox: BBoxOpt = None,
@@ -276,6 +276,7 @@ def compute_field(
     pad: Annotated[int, typer.Option("--pad", min=0, help="Context pixels per side at each stage's MIP.")] = 64,
     on_empty_target: Annotated[str, typer.Option("--on-empty-target", help="error, or init (keep the coarser field).")] = "error",
     stage_range: Annotated[Optional[str], typer.Option("--stage-range", help="Run only stages I:J (0-based, J excluded); stage I starts from stage I-1's field in --dst.")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Chunks per estimator call (stacked on the device; 4-16 fill a GPU).")] = 1,
     device: Device = "cpu",
     fill_missing: FillMissing = False,
     report_json: Report = None,
@@ -285,7 +286,7 @@ def compute_field(
     from .steps.compute_field import compute_field as run
 
     params = ComputeFieldParams(stages=load_stages(stages), chunk_xy=chunk, pad=pad, device=device,
-                                fill_missing=fill_missing, on_empty_target=on_empty_target,
+                                fill_missing=fill_missing, on_empty_target=on_empty_target, batch=batch,
                                 stage_range=parse_z(stage_range, "--stage-range") if stage_range else None)
     region = BBox.parse(bbox, bbox_mip).to_mip(0) if bbox else None
     target_z = z - offset if tgt_z is None else tgt_z

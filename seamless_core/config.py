@@ -77,13 +77,14 @@ class ProjectConfig(_Strict):
     bbox: tuple[int, int, int, int] | None = Field(None, description="x0, y0, x1, y1 at MIP 0; default: the whole section")
     sections: SectionRange
     bad_sections: list[int] = Field(default_factory=list, description="missing or damaged sections: aligned, but never a target or block start")
-    stages: str | list[dict[str, Any]] = Field("exact", description="stage preset (exact, serial) or a list of {mip, estimators}")
+    stages: str | list[dict[str, Any]] = Field("exact", description="stage preset (exact, serial, serial-fine) or a list of {mip, estimators}")
     vote: VoteConfig = Field(default_factory=VoteConfig)
     blocks: BlockConfig = Field(default_factory=BlockConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
     cpc: CpcConfig = Field(default_factory=CpcConfig)
     chunk: int | None = Field(None, ge=1, description="processing chunk edge (px) of field steps; default: the storage chunk")
     pad: int = Field(64, ge=0, description="context pixels per side of each field chunk, at each stage's MIP")
+    batch: int = Field(1, ge=1, le=256, description="field chunks per estimator call (compute_field --batch): 4-16 fill a GPU")
     granularity: Granularity = Field("section", description="one compute_field step per MIP stage ('stage') or all stages in one ('section')")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     fill_missing: bool = Field(False, description="treat missing source chunks as black instead of failing")
@@ -191,7 +192,7 @@ destination: {destination}    # every output layer goes under here (docs/layout.
 sections: {{start: {start}, stop: {stop}}}  # z range; `start` anchors the stack
 # bbox: [0, 0, {width}, {height}]           # x0, y0, x1, y1 at MIP 0 (default: whole section)
 bad_sections: []                       # damaged/missing z: never a target or block start
-stages: exact                          # preset (exact, serial) or a list of {{mip, estimators}}:
+stages: exact                          # preset (exact, serial, serial-fine) or a list of {{mip, estimators}}:
 #  - {{mip: 2, estimators: [{{name: block_matching}}]}}
 #  - {{mip: 1, estimators: [{{name: finetuner}}]}}
 #  - {{mip: 0, estimators: [{{name: finetuner}}]}}
@@ -200,6 +201,7 @@ blocks: {{size: 10, decay_dist: 100}}  # parallel blocks; stitch corrections fad
 render: {{mip: 0}}                       # final image MIP
 cpc: {{mip: 1, patch: 32}}               # quality map: correlation of z with z-1
 pad: 64                                # field context px per chunk side
+batch: 1                               # field chunks per estimator call; 4-16 on a GPU
 granularity: section                   # section: one compute_field per target; stage: one per MIP stage
 device: cpu                            # cpu, cuda, auto
 resources: {{gpu: 1, cpu: "4", memory: 16Gi}}  # per pod on Kubernetes

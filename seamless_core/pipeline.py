@@ -21,28 +21,30 @@ from typing import TypeVar
 
 import torch
 
-from .geometry import BBox
 from .progress import Progress
 
+Item = TypeVar("Item")  # a chunk (BBox) or a group of chunks
 Loaded = TypeVar("Loaded")
 Result = TypeVar("Result")
 
 
 def run_chunks(
-    chunks: Iterable[BBox],
-    load: Callable[[BBox], Loaded],
-    compute: Callable[[BBox, Loaded], Result],
-    store: Callable[[BBox, Result], None],
+    chunks: Iterable[Item],
+    load: Callable[[Item], Loaded],
+    compute: Callable[[Item, Loaded], Result],
+    store: Callable[[Item, Result], None],
     progress: Progress,
     *,
     prefetch: int = 2,
-    pixels: Callable[[BBox], int] | None = None,
+    pixels: Callable[[Item], int] | None = None,
     compute_threads: int | None = None,
     io_threads: int | None = None,
+    advance: Callable[[Item], int] | None = None,
 ) -> None:
     """Run load -> compute -> store over `chunks`, overlapping I/O with compute.
 
-    `pixels` counts the input pixels a chunk stands for (default: its own voxels) for the Mpx/s figure.
+    `chunks` may also be groups of chunks (a batched step); `advance` then says how many chunks an item
+    counts for in the progress (default 1), and `pixels` how many input pixels (default: its voxels).
     `compute_threads` sets torch's intra-op threads while the chunks run (restored afterwards).
     `io_threads` is how many loads (and how many stores) may run at once; default `prefetch`. Fewer
     than `prefetch` keeps the read-ahead depth while bounding the cores that I/O takes.
@@ -52,24 +54,25 @@ def run_chunks(
     if compute_threads is not None and compute_threads != threads:
         torch.set_num_threads(max(1, compute_threads))
         try:
-            _run(chunks, load, compute, store, progress, prefetch, pixels, workers)
+            _run(chunks, load, compute, store, progress, prefetch, pixels, workers, advance)
         finally:
             torch.set_num_threads(threads)
     else:
-        _run(chunks, load, compute, store, progress, prefetch, pixels, workers)
+        _run(chunks, load, compute, store, progress, prefetch, pixels, workers, advance)
 
 
 def _run(
-    chunks: Iterable[BBox],
-    load: Callable[[BBox], Loaded],
-    compute: Callable[[BBox, Loaded], Result],
-    store: Callable[[BBox, Result], None],
+    chunks: Iterable[Item],
+    load: Callable[[Item], Loaded],
+    compute: Callable[[Item, Loaded], Result],
+    store: Callable[[Item, Result], None],
     progress: Progress,
     prefetch: int,
-    pixels: Callable[[BBox], int] | None,
+    pixels: Callable[[Item], int] | None,
     workers: int,
+    advance: Callable[[Item], int] | None = None,
 ) -> None:
-    pending_reads: deque[tuple[BBox, Future[Loaded]]] = deque()
+    pending_reads: deque[tuple[Item, Future[Loaded]]] = deque()
     pending_writes: deque[Future[None]] = deque()
     chunk_iter = iter(chunks)
 
@@ -80,9 +83,10 @@ def _run(
                 return
             pending_reads.append((chunk, pool.submit(load, chunk)))
 
-    def stored(chunk: BBox, result: Result) -> None:
+    def stored(chunk: Item, result: Result) -> None:
         store(chunk, result)
-        progress.advance(1, pixels(chunk) if pixels else chunk.size[0] * chunk.size[1] * chunk.size[2])
+        progress.advance(advance(chunk) if advance else 1,
+                         pixels(chunk) if pixels else chunk.size[0] * chunk.size[1] * chunk.size[2])
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as readers, ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="write"

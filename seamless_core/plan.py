@@ -271,6 +271,8 @@ class _Builder:
                 "--stages", self._stages_arg(), "--pad", str(self.c.pad), "--on-empty-target", "init",
                 *self._bbox_only(z), *self.common(), *self.fill(),
             ]
+            if self.c.batch > 1:
+                args += ["--batch", str(self.c.batch)]
             if self.c.granularity == "stage":
                 args += ["--stage-range", f"{group[0]}:{group[-1] + 1}"]
             if self.c.mask:

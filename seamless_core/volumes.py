@@ -10,6 +10,7 @@ layout is (x, y, z, c).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -473,6 +474,12 @@ def _fetch_info(path: str) -> dict[str, Any] | None:
         cv = CloudVolume("precomputed://" + path, progress=False, secrets=storage_secrets(path))
     except InfoUnavailableError:
         return None
+    except json.JSONDecodeError as exc:  # orjson's error derives from it
+        raise LayerError(
+            f"the info file of {path} is not valid JSON ({exc}): on file:// a writer killed while writing it "
+            f"leaves it empty or cut short. Delete {path.rstrip('/')}/info and rerun the step that creates the "
+            "layer: it writes the info again from its source and keeps the layer's chunks"
+        ) from None
     return copy.deepcopy(cv.info)
 
 

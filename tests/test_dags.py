@@ -8,7 +8,6 @@ runs real `seamless` commands as child processes.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time

@@ -534,7 +534,7 @@ def test_cuda_matches_cpu():
 
     def both(fn, *args, **kw):
         cpu = fn(*args, **kw)
-        gpu = fn(*(a.to(dev) for a in args), **kw)
+        gpu = fn(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args), **kw)
         assert gpu.device.type == "cuda"
         return cpu, gpu.cpu()
 

@@ -9,6 +9,8 @@ in the destination layer at its own MIP, so a rerun or a finer stage starts from
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,7 @@ from .. import fields
 from ..devices import resolve_device
 from ..errors import InputError
 from ..estimators.base import Estimator, Pair
+from ..estimators.batching import split_fields, stack_pairs
 from ..estimators.spec import StageSpec, StagesSpec, build_estimator, parse_stages
 from ..geometry import BBox, crop_xy
 from ..pipeline import run_chunks
@@ -27,6 +30,7 @@ from .common import check_processing_chunk, processing_chunks, read_field, read_
 from .render import source_region
 
 ON_EMPTY = ("error", "init")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class ComputeFieldParams:
     fill_missing: bool = False
     on_empty_target: str = "error"  # "init": keep the coarser field (zeros) where the target is empty
     prefetch: int = 1
+    batch: int = 1  # chunks per estimator call: fills a GPU (estimators.batching); 1 = chunk by chunk
     stage_range: tuple[int, int] | None = None  # run only stages [i, j): a task per MIP stage; i > 0 starts from stage i-1's field
 
     def selected(self) -> list[tuple[int, StageSpec]]:
@@ -73,6 +78,7 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
     stage_reports = []
     first = selected[0][0]
     previous_mip: int | None = params.stages.stages[first - 1].mip if first > 0 else None
+    rollbacks = [0]  # NaN/inf rollbacks of the estimators over the whole step
     for stage, chunks in stage_plans:
         estimators = [build_estimator(spec) for spec in stage.estimators]
         margin = max(int(getattr(e, "margin", 0)) for e in estimators)  # how far an estimator searches
@@ -92,27 +98,74 @@ def compute_field(src: Layer, tgt: Layer, dst: Layer, region: BBox, tgt_z: int, 
                 src=src_image,
                 tgt=tgt_image,
                 offset=(padded.start[0] - origin.start[0], padded.start[1] - origin.start[1]),
-                src_defects=read_mask(src_mask, origin, stage.mip, device) if src_mask else None,
-                tgt_defects=read_mask(tgt_mask, padded.with_z(tgt_z), stage.mip, device) if tgt_mask else None,
+                src_defects=read_mask(src_mask, origin, _mask_mip(src_mask, stage.mip), device) if src_mask else None,
+                tgt_defects=read_mask(tgt_mask, padded.with_z(tgt_z), _mask_mip(tgt_mask, stage.mip), device)
+                if tgt_mask else None,
             )
             return pair, init
 
-        def compute(chunk: BBox, loaded: tuple[Pair, torch.Tensor],
-                    estimators: list[Estimator] = estimators) -> np.ndarray:
-            pair, init = loaded
-            if not bool(pair.tgt_valid().any()):  # nothing to align to here: keep the coarser field
-                result = init
-            else:
-                result = run_stage(pair, estimators, init)
-            return to_numpy(crop_xy(result, params.pad), "float32")
+        def compute(group: list[BBox], loaded: list[tuple[Pair, torch.Tensor]],
+                    estimators: list[Estimator] = estimators) -> list[np.ndarray]:
+            results: list[torch.Tensor] = [init for _, init in loaded]  # no target here: keep the coarser field
+            live = [i for i, (pair, _) in enumerate(loaded) if bool(pair.tgt_valid().any())]
+            if len(live) == 1:
+                pair, init = loaded[live[0]]
+                results[live[0]] = run_stage(pair, estimators, init)
+            elif live:
+                pair, init, sizes = stack_pairs([loaded[i][0] for i in live], [loaded[i][1] for i in live])
+                for i, result in zip(live, split_fields(run_stage(pair, estimators, init), sizes)):
+                    results[i] = result
+            if live:
+                rollbacks[0] += _note_rollbacks(estimators, group, z, tgt_z, stage.mip)
+            cropped = [crop_xy(result, params.pad) for result in results]
+            for chunk, result in zip(group, cropped):
+                _check_estimate(result, chunk, stage, z, tgt_z)
+            return [to_numpy(result, "float32") for result in cropped]
 
-        run_chunks(chunks, load, compute, dst.write, progress, prefetch=params.prefetch)
+        def store(group: list[BBox], results: list[np.ndarray]) -> None:
+            for chunk, result in zip(group, results):
+                dst.write(chunk, result)
+
+        groups = [chunks[i : i + params.batch] for i in range(0, len(chunks), params.batch)]
+        run_chunks(groups, lambda group, load=load: [load(chunk) for chunk in group], compute, store, progress,
+                   prefetch=params.prefetch, pixels=lambda group: sum(c.size[0] * c.size[1] for c in group),
+                   advance=len)
         stage_reports.append({"mip": stage.mip, "chunks": len(chunks),
                               "estimators": [e.name for e in stage.estimators]})
         previous_mip = stage.mip
     report = progress.close()
-    report.details.update({"z": z, "tgt_z": tgt_z, "stages": stage_reports})
+    report.details.update({"z": z, "tgt_z": tgt_z, "stages": stage_reports, "rollbacks": rollbacks[0]})
     return report
+
+
+def _note_rollbacks(estimators: list[Estimator], group: list[BBox], z: int, tgt_z: int, mip: int) -> int:
+    """The NaN/inf rollbacks the estimators just made, logged: a diverging optimisation shows in the log."""
+    total = 0
+    for estimator in estimators:
+        count = int((getattr(estimator, "last_stats", None) or {}).get("rollbacks", 0) or 0)
+        if count:
+            total += count
+            log.warning("compute_field z=%d->%d MIP %d: %s rolled back %d times (NaN or infinite loss) in %s; "
+                        "the field kept is its last finite one", z, tgt_z, mip, getattr(estimator, "name", estimator),
+                        count, ", ".join(str(chunk) for chunk in group))
+    return total
+
+
+def _check_estimate(field: torch.Tensor, chunk: BBox, stage: StageSpec, z: int, tgt_z: int) -> None:
+    """Never write a NaN or infinite field: the step that made it fails, not the render that reads it."""
+    low, high = torch.aminmax(field)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        raise InputError(
+            f"the estimators of stage MIP {stage.mip} ({', '.join(e.name for e in stage.estimators)}) produced NaN "
+            f"or infinite displacements for section {z} -> {tgt_z} in chunk {chunk}; that chunk was not written. "
+            "Check the estimators' parameters (e.g. a smaller lr) and the two sections"
+        )
+
+
+def _mask_mip(mask: Layer, mip: int) -> int:
+    """The MIP to read a mask at for a stage at `mip`: its own, else the mask's coarsest below it
+    (read_mask max-pools it down), so a mask without the stage's MIP still masks every defect."""
+    return min(mip, max(mask.mips))
 
 
 def _check_target(tgt: Layer, coarse: BBox, params: ComputeFieldParams) -> None:
@@ -132,6 +185,8 @@ def prepare_compute_field(src_path: str, tgt_path: str, dst_path: str, region: B
     """Validate everything (layers, stages, region, estimators) before creating the field layer."""
     resolve_device(params.device)
     count = len(params.stages.stages)
+    if params.batch < 1:
+        raise InputError(f"--batch must be at least 1 (chunks per estimator call), got {params.batch}")
     if params.stage_range is not None and not 0 <= params.stage_range[0] < params.stage_range[1] <= count:
         raise InputError(f"--stage-range {params.stage_range[0]}:{params.stage_range[1]} is not within the "
                          f"{count} stages (0:{count}); write it as I:J with 0 <= I < J <= {count}")
