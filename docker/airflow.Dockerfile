@@ -35,4 +35,6 @@ RUN pip install --no-deps --force-reinstall . \
  && pip check
 # DAGs last: a DAG edit rebuilds one tiny layer.
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
+# Plugins: the section-block timetable (backfills) and the Neuroglancer extra link.
+COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
 WORKDIR /opt/airflow

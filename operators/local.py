@@ -14,6 +14,7 @@ structure (another section range, block size, k, ...), naming the Params at faul
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from .links import NeuroglancerLink
+from .settings import ENV_VARIABLE as SETTINGS_ENV
 from .step_args import checked_step, with_retry_defaults
 
 if TYPE_CHECKING:
@@ -58,8 +61,19 @@ def executor() -> str:
 
 
 def gpu_pool() -> str:
-    """The Airflow pool of GPU steps (env SEAMLESS_GPU_POOL; it must exist: `airflow pools set`)."""
-    return os.environ.get(GPU_POOL_ENV) or DEFAULT_GPU_POOL
+    """The Airflow pool of GPU steps: env SEAMLESS_GPU_POOL, else the chart's `airflow_pool` setting
+    (the pool its Job creates), else `seamless_gpu`. It must exist: `airflow pools set`."""
+    if os.environ.get(GPU_POOL_ENV):
+        return os.environ[GPU_POOL_ENV]
+    raw = os.environ.get(SETTINGS_ENV)  # the chart's ConfigMap, as JSON
+    if raw:
+        try:
+            pool = json.loads(raw).get("airflow_pool")
+        except (ValueError, AttributeError):  # malformed settings fail later, naming the key, in load_settings
+            pool = None
+        if isinstance(pool, str) and pool:
+            return pool
+    return DEFAULT_GPU_POOL
 
 
 # --- run-time command lines from the run's Params ------------------------------------------------
@@ -166,6 +180,7 @@ class SeamlessLocalOperator(_Planned, BaseOperator):
 
     template_fields = ()
     ui_color = "#d8e8f8"
+    operator_extra_links = (NeuroglancerLink(),)
 
     def __init__(self, *, step: list[str], pool_kind: str = "gpu", plan_ref: PlanStepRef | None = None,
                  kill_grace: float = 30.0, env: dict[str, str] | None = None, **kwargs: Any) -> None:

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+from .links import NeuroglancerLink
+from .local import EXIT_MEANING, NOT_RETRIED, SeamlessLocalOperator
 from .settings import load_settings, pod_template
 from .step_args import checked_step, with_retry_defaults
+
+if TYPE_CHECKING:
+    from kubernetes.client import models as k8s
+
+    from .local import PlanStepRef
+
+
+def container_exit_code(pod: k8s.V1Pod | None, container: str) -> int | None:
+    """The exit code of `container` in `pod` once it has terminated; None while it runs or when unknown."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state else None
+    return terminated.exit_code if terminated is not None else None
+
+
+def _last_line(pod: k8s.V1Pod | None, container: str) -> str:
+    """The container's termination message, last non-empty line (with FallbackToLogsOnError: its last log line)."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state else None
+    message = (terminated.message or "") if terminated is not None else ""
+    return next((line.strip() for line in reversed(message.splitlines()) if line.strip()), "")
 
 
 class SeamlessPodOperator(KubernetesPodOperator):
@@ -15,16 +40,22 @@ class SeamlessPodOperator(KubernetesPodOperator):
 
     The step is an argument list, never a shell string (the image's ENTRYPOINT is `seamless`). Placement,
     identity, security contexts and secret volumes come from the chart's settings (operators.settings),
-    read when the task runs unless given; logs stream into the task log; pods are deleted when done;
-    preempted pods are retried with exponential backoff.
+    read when the pod is built unless given; with a `plan_ref` the arguments are re-derived from the run's
+    Params at that moment, exactly as the local twin does. Logs stream into the task log; pods are deleted
+    when done; a failed pod is retried with exponential backoff, except exit 2 (usage) and 3 (bad input),
+    which fail the task at once like the local twin (retrying cannot help).
     """
 
+    operator_extra_links = (NeuroglancerLink(),)
+
     def __init__(self, *, step: list[str], pool_kind: str = "gpu", settings: dict[str, Any] | None = None,
-                 shm_size: str = "2Gi", **kwargs: Any) -> None:
+                 shm_size: str = "2Gi", plan_ref: PlanStepRef | None = None, **kwargs: Any) -> None:
         step = checked_step(step)
         with_retry_defaults(kwargs, retries=4)
+        kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")  # seamless's last line in the error
+        subcommand = SeamlessLocalOperator.subcommand(step) or step[0]
         super().__init__(
-            name=f"seamless-{step[0]}",
+            name=self._set_name(f"seamless-{subcommand}"),  # not "--marker": argv starts with marker options
             arguments=list(step),
             get_logs=True,
             do_xcom_push=False,
@@ -35,10 +66,52 @@ class SeamlessPodOperator(KubernetesPodOperator):
         self.step = list(step)
         self.pool_kind = pool_kind
         self.shm_size = shm_size
+        self.plan_ref = plan_ref
         if settings is not None:
             self.pod_template_dict = pod_template(settings, pool_kind, shm_size=shm_size)
 
-    def execute(self, context: Any) -> Any:
-        if self.pod_template_dict is None:  # read at run time, not at DAG parse time
+    def resolved_step(self, context: Any) -> list[str]:
+        """The step's argv for this run: from the run's Params when the task has a plan_ref (local twin's rule)."""
+        if self.plan_ref is None:
+            return list(self.step)
+        params = context.get("params") if hasattr(context, "get") else None
+        return self.plan_ref.argv(params)
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """The pod for this try: settings read now (not at parse time), argv from this run's Params.
+
+        Both the sync and the deferrable paths of KubernetesPodOperator build the pod here, so the pod
+        always runs what the local twin would run for the same Params.
+        """
+        if self.pod_template_dict is None:
             self.pod_template_dict = pod_template(load_settings(), self.pool_kind, shm_size=self.shm_size)
-        return super().execute(context)
+        if context is not None:
+            self.arguments = self.resolved_step(context)
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None,
+                context: Any = None) -> None:
+        """KubernetesPodOperator's cleanup (delete the pod, raise if it failed), plus seamless's exit codes.
+
+        The provider raises a plain AirflowException for any failed pod, which Airflow retries. Exit 2
+        (usage) and 3 (bad input) cannot get better on a retry, so they become AirflowFailException.
+        """
+        code = container_exit_code(remote_pod, self.base_container_name)
+        try:
+            super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
+        except (AirflowFailException, AirflowSkipException):
+            raise
+        except AirflowException as exc:
+            if code not in NOT_RETRIED:
+                raise
+            raise AirflowFailException(self.exit_message(code, remote_pod)) from exc
+
+    def exit_message(self, code: int, remote_pod: k8s.V1Pod | None) -> str:
+        """`seamless vote exited with code 3 (bad input) in pod NS/NAME, not retried: <its last line>`."""
+        meaning = NOT_RETRIED.get(code) or EXIT_MEANING.get(code, "failed")
+        meta = remote_pod.metadata if remote_pod is not None else None
+        where = f"{meta.namespace}/{meta.name}" if meta is not None else "?"
+        subcommand = SeamlessLocalOperator.subcommand(list(self.arguments or self.step)) or "step"
+        message = f"seamless {subcommand} exited with code {code} ({meaning}) in pod {where}, not retried"
+        last = _last_line(remote_pod, self.base_container_name)
+        return f"{message}: {last}" if last else message

@@ -34,6 +34,39 @@ def viewer_link(layers: list[tuple[str, str]], *, position: tuple[float, float, 
     return f"{VIEWER}/#!" + urllib.parse.quote(json.dumps(state, separators=(",", ":")), safe="")
 
 
+
+def local_root(paths: list[str]) -> str | None:
+    """The folder `seamless serve` must serve so that every file:// path is below it (None: no local path)."""
+    local = [p[len("file://"):] for p in paths if p.startswith("file://")]
+    if not local:
+        return None
+    return os.path.dirname(local[0]) if len(local) == 1 else os.path.commonpath(local)
+
+
+def section_link(layers: list[tuple[str, str]], z: int, *, bbox: tuple[int, int, int, int] | None = None,
+                 serve_root: str | None = None, port: int = DEFAULT_PORT) -> str:
+    """A viewer URL at section `z` of `layers`, centred on `bbox` (x0, y0, x1, y1 at MIP 0).
+
+    Built from paths and numbers only, no storage read. Neuroglancer takes a position for all axes or
+    none, so without a bbox (the section's extent is in the layer's info, i.e. in storage) the viewer
+    opens at the volume's centre. z + 0.5 is the centre of voxel z. Local layers are served from their
+    common folder (`local_root`).
+    """
+    position = None
+    if bbox is not None:
+        x0, y0, x1, y1 = bbox
+        position = ((x0 + x1) / 2, (y0 + y1) / 2, z + 0.5)
+    root = serve_root if serve_root is not None else local_root([path for _, path in layers])
+    return viewer_link(layers, position=position, serve_root=root, port=port)
+
+
+def link_state(url: str) -> dict:
+    """The Neuroglancer state a viewer URL carries (the JSON after `#!`)."""
+    _, sep, fragment = url.partition("#!")
+    if not sep:
+        raise ValueError(f"not a Neuroglancer state URL (no '#!'): {url[:80]}")
+    return json.loads(urllib.parse.unquote(fragment))
+
 class _CorsHandler(SimpleHTTPRequestHandler):
     def end_headers(self) -> None:
         self.send_header("Access-Control-Allow-Origin", "*")

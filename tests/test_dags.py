@@ -56,7 +56,7 @@ def test_dagbag_imports_without_errors_or_warnings(tmp_path, monkeypatch) -> Non
     assert bag.import_errors == {}
     assert bag.captured_warnings == {}
     assert bag.dag_warnings == set()  # known_pools: no task uses a pool that was not declared
-    assert set(bag.dag_ids) == {"seamless_align"}
+    assert set(bag.dag_ids) == {"seamless_align", "seamless_align_blocks"}
 
 
 def test_default_project_is_the_bundled_demo(monkeypatch) -> None:

@@ -156,6 +156,20 @@ def test_default_gpu_pool_settings_reach_the_dag_settings(default_objs: list[dic
     assert s["schema_version"] == 1
 
 
+def test_the_dags_queue_gpu_steps_in_the_pool_the_chart_creates(
+    default_objs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's Job creates `airflowPool.name`; the DAGs must put GPU steps in that very pool."""
+    from operators.local import GPU_POOL_ENV, gpu_pool
+    from operators.settings import ENV_VARIABLE
+
+    monkeypatch.delenv(GPU_POOL_ENV, raising=False)
+    monkeypatch.setenv(ENV_VARIABLE, json.dumps(dag_settings(default_objs)))
+    assert gpu_pool() == "seamless-gpu"
+    monkeypatch.setenv(GPU_POOL_ENV, "default_pool")  # an explicit choice still wins
+    assert gpu_pool() == "default_pool"
+
+
 def test_gpu_pool_override_from_the_gke_example() -> None:
     objs = render(values_file("values-gke.yaml"))
     s = dag_settings(objs)

@@ -3,6 +3,10 @@
 The pod is built by the real KubernetesPodOperator code (`build_pod_request_obj`). Only its hook is
 replaced, by a stub that answers `is_in_cluster`: no Kubernetes API server can run here, and building
 the pod asks the hook nothing else.
+
+The exit-code policy is checked by driving the provider's own end-of-pod code (`post_complete_action`
+for the sync path, `trigger_reentry` for the deferrable one) with a V1Pod whose container terminated
+with a given code; only the Kubernetes API calls (read, patch, delete the pod, read its log) are mocks.
 """
 
 from __future__ import annotations
@@ -10,16 +14,19 @@ from __future__ import annotations
 import os
 import types
 from typing import Any
+from unittest import mock
 
 import pytest
 
 os.environ.setdefault("AIRFLOW_HOME", "/tmp/seamless-test-airflow-home")
 pytest.importorskip("airflow.providers.cncf.kubernetes", reason="needs the airflow extra (scripts/test.sh installs it)")
 
-from kubernetes.client import ApiClient  # noqa: E402
-
 import yaml  # noqa: E402
+from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: E402
 from deploy_helpers import CHART, dag_settings, deep_merge, k8s_validate, one, render, values_file  # noqa: E402
+from kubernetes.client import ApiClient  # noqa: E402
+from kubernetes.client import models as k8s  # noqa: E402
+
 from operators.pod import SeamlessPodOperator  # noqa: E402
 from operators.settings import SettingsError, load_settings  # noqa: E402
 
@@ -113,3 +120,70 @@ def test_settings_errors_name_the_variable() -> None:
 def test_settings_are_read_at_run_time_not_parse_time(monkeypatch) -> None:
     operator = SeamlessPodOperator(task_id="late", step=["cpc", "--z", "3:4"], pool_kind="cpu")
     assert operator.pod_template_dict is None  # parsing a DAG reads no Variable
+
+
+# --- exit codes: 2 and 3 fail without retry, as in the local twin ---------------------------------------------
+LAST_LINE = "error: no layer at gs://lab/em (no info file)"
+
+
+def finished_pod(code: int) -> k8s.V1Pod:
+    """A pod whose `base` container terminated with `code` (restartPolicy Never: the pod's phase follows)."""
+    terminated = k8s.V1ContainerStateTerminated(exit_code=code, reason="Completed" if code == 0 else "Error",
+                                                message=f"progress 3/4 chunks\n{LAST_LINE}\n")
+    status = k8s.V1ContainerStatus(name="base", image="seamless-worker:0.1.0", image_id="", ready=False,
+                                   restart_count=0, state=k8s.V1ContainerState(terminated=terminated))
+    return k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name="seamless-vote-x1y2z3", namespace="seamless-tasks", labels={}),
+        spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="base")]),
+        status=k8s.V1PodStatus(phase="Succeeded" if code == 0 else "Failed", container_statuses=[status]),
+    )
+
+
+def operator_without_api(pod: k8s.V1Pod) -> tuple[SeamlessPodOperator, mock.Mock, mock.Mock]:
+    """The operator with its Kubernetes API clients replaced by mocks that answer with `pod`."""
+    operator = SeamlessPodOperator(task_id="z12.vote", step=["--marker", "m.json", "vote", "--z", "12"], pool_kind="gpu")
+    client, pod_manager = mock.Mock(name="CoreV1Api"), mock.Mock(name="PodManager")
+    pod_manager.read_pod.return_value = pod  # the istio check reads the pod back
+    pod_manager.await_pod_completion.return_value = pod
+    client.read_namespaced_pod_log.return_value = [f"{LAST_LINE}\n".encode()]
+    operator.__dict__.update(client=client, pod_manager=pod_manager,
+                             hook=types.SimpleNamespace(is_in_cluster=False, get_pod=lambda name, namespace: pod))
+    return operator, client, pod_manager
+
+
+@pytest.mark.parametrize(("code", "meaning"), [(2, "bad command line"), (3, "bad input")])
+def test_usage_and_bad_input_exits_fail_without_retry(code: int, meaning: str) -> None:
+    pod = finished_pod(code)
+    operator, _, pod_manager = operator_without_api(pod)
+    with pytest.raises(AirflowFailException) as info:
+        operator.post_complete_action(pod=pod, remote_pod=pod, context=None, result=None)
+    assert str(info.value) == (f"seamless vote exited with code {code} ({meaning}) in pod "
+                               f"seamless-tasks/seamless-vote-x1y2z3, not retried: {LAST_LINE}")
+    pod_manager.delete_pod.assert_called_once_with(pod)  # the failed pod is still cleaned up
+    assert isinstance(info.value.__cause__, AirflowException)  # the provider's own failure, kept as the cause
+
+
+def test_the_deferrable_path_applies_the_same_policy() -> None:
+    pod = finished_pod(3)
+    operator, _, pod_manager = operator_without_api(pod)
+    event = {"status": "failed", "name": pod.metadata.name, "namespace": pod.metadata.namespace,
+             "message": "Pod failed"}
+    with pytest.raises(AirflowFailException, match=r"code 3 \(bad input\)"):
+        operator.trigger_reentry(context={}, event=event)
+    pod_manager.delete_pod.assert_called_once_with(pod)
+
+
+@pytest.mark.parametrize("code", [1, 4, 137])
+def test_other_failures_stay_retryable(code: int) -> None:
+    pod = finished_pod(code)
+    operator, _, _ = operator_without_api(pod)
+    with pytest.raises(AirflowException, match="returned a failure") as info:
+        operator.post_complete_action(pod=pod, remote_pod=pod, context=None, result=None)
+    assert not isinstance(info.value, AirflowFailException)
+
+
+def test_success_raises_nothing() -> None:
+    pod = finished_pod(0)
+    operator, _, pod_manager = operator_without_api(pod)
+    operator.post_complete_action(pod=pod, remote_pod=pod, context=None, result=None)
+    pod_manager.delete_pod.assert_called_once_with(pod)
