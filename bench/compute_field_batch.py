@@ -8,7 +8,7 @@ through the CLI for each (stages, batch) and the MIP-0 megapixels per second are
 GPU memory of the run where there is one.
 
 Run: .venv/bin/python bench/compute_field_batch.py [--device cuda] [--size 2048] [--chunk 256]
-     [--batches 1,4,16] [--stages exact,serial-fine]
+     [--batches 1,4,16] [--stages exact,serial]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--stages", default="exact,serial-fine")
+    parser.add_argument("--stages", default="exact,serial")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

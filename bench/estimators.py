@@ -35,7 +35,7 @@ METHODS: dict[str, list[dict] | None] = {
     "block matching @ 2, finetuner @ 1": [{"mip": 2, "estimators": [{"name": "block_matching"}]},
                                           {"mip": 1, "estimators": [{"name": "finetuner"}]}],
     "default: block matching @ 2, finetuner @ 1, @ 0": None,
-    "serial-fine: block matching + finetuner @ 2, finetuner @ 1": [
+    "block matching + finetuner @ 2, finetuner @ 1": [
         {"mip": 2, "estimators": [{"name": "block_matching"}, {"name": "finetuner"}]},
         {"mip": 1, "estimators": [{"name": "finetuner"}]}],
     "pyramid @ 2, finetuner @ 1, @ 0": [{"mip": 2, "estimators": [{"name": "pyramid"}]},

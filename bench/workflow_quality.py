@@ -153,7 +153,7 @@ def table(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=30)
-    parser.add_argument("--stages", default="serial", help="stage preset (serial, serial-fine, exact)")
+    parser.add_argument("--stages", default="serial", help="stage preset (serial, exact)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="rewrite the workflow-quality section of this markdown file")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")

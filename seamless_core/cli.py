@@ -242,7 +242,7 @@ def convert_field(
 
 
 def load_stages(text: str | None) -> Any:
-    """--stages: a preset name (exact, serial, serial-fine), a YAML/JSON file, or inline JSON; None gives the defaults."""
+    """--stages: a preset name (exact, serial), a YAML/JSON file, or inline JSON; None gives the defaults."""
     from .estimators.spec import PRESETS, parse_stages, preset
 
     if text is None:
@@ -267,7 +267,7 @@ def compute_field(
     z: Annotated[int, typer.Option("--z", help="Source section.")],
     offset: Annotated[int, typer.Option("--offset", min=1, help="Target section is z - offset.")] = 1,
     tgt_z: Annotated[Optional[int], typer.Option("--tgt-z", help="Explicit target section (overrides --offset).")] = None,
-    stages: Annotated[Optional[str], typer.Option("--stages", help="Stage spec: a preset (exact: the default, block matching at MIP 2 then finetuner at MIP 1 and 0; serial: block matching at MIP 2 for real neighbours, fast; serial-fine: block matching + finetuner at MIP 2, finetuner at MIP 1), a YAML/JSON file, or inline JSON.")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Stage spec: a preset (exact: the default, block matching at MIP 2 then finetuner at MIP 1 and 0; serial: block matching at MIP 2 for real neighbours), a YAML/JSON file, or inline JSON.")] = None,
     src_mask: Annotated[Optional[str], typer.Option("--src-mask", help="Defect mask of the source sections.")] = None,
     tgt_mask: Annotated[Optional[str], typer.Option("--tgt-mask", help="Defect mask of the target sections.")] = None,
     bbox: BBoxOpt = None,

@@ -77,7 +77,7 @@ class ProjectConfig(_Strict):
     bbox: tuple[int, int, int, int] | None = Field(None, description="x0, y0, x1, y1 at MIP 0; default: the whole section")
     sections: SectionRange
     bad_sections: list[int] = Field(default_factory=list, description="missing or damaged sections: aligned, but never a target or block start")
-    stages: str | list[dict[str, Any]] = Field("exact", description="stage preset (exact, serial, serial-fine) or a list of {mip, estimators}")
+    stages: str | list[dict[str, Any]] = Field("exact", description="stage preset (exact, serial) or a list of {mip, estimators}")
     vote: VoteConfig = Field(default_factory=VoteConfig)
     blocks: BlockConfig = Field(default_factory=BlockConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
@@ -192,7 +192,7 @@ destination: {destination}    # every output layer goes under here (docs/layout.
 sections: {{start: {start}, stop: {stop}}}  # z range; `start` anchors the stack
 # bbox: [0, 0, {width}, {height}]           # x0, y0, x1, y1 at MIP 0 (default: whole section)
 bad_sections: []                       # damaged/missing z: never a target or block start
-stages: exact                          # preset (exact, serial, serial-fine) or a list of {{mip, estimators}}:
+stages: exact                          # preset (exact, serial) or a list of {{mip, estimators}}:
 #  - {{mip: 2, estimators: [{{name: block_matching}}]}}
 #  - {{mip: 1, estimators: [{{name: finetuner}}]}}
 #  - {{mip: 0, estimators: [{{name: finetuner}}]}}

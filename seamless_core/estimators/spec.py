@@ -77,24 +77,15 @@ SERIAL_STAGES: list[dict[str, Any]] = [
     {"mip": 2, "estimators": [{"name": "block_matching"}]},
 ]
 
-#: Serial alignment of real neighbours that also removes a section's own deformation precisely: block
-#: matching then the finetuner at MIP 2, the finetuner at MIP 1, nothing at MIP 0 (the MIP-0 finetuner is
-#: what morphs one section into the next). The best of a 11-variant sweep of bench/align_quality.py on
-#: the 30 shared sections (docs/estimators.md): robustness 0.64 / 3.0 px, neighbour ratio 1.05; ~5x the
-#: cost of "serial".
-SERIAL_FINE_STAGES: list[dict[str, Any]] = [
-    {"mip": 2, "estimators": [{"name": "block_matching"}, {"name": "finetuner"}]},
-    {"mip": 1, "estimators": [{"name": "finetuner"}]},
-]
 #: Named stage specs: "exact" (the defaults: exact recovery of deformations of the same section, down
-#: to MIP 0), "serial" (real neighbours, fast: see SERIAL_STAGES) and "serial-fine" (real neighbours,
-#: meets the robustness bounds: see SERIAL_FINE_STAGES and docs/estimators.md).
-PRESETS: dict[str, list[dict[str, Any]]] = {"exact": DEFAULT_STAGES, "serial": SERIAL_STAGES,
-                                            "serial-fine": SERIAL_FINE_STAGES}
+#: to MIP 0) and "serial" (real neighbours: see SERIAL_STAGES). A finetuner stage between real
+#: neighbours (e.g. block matching + finetuner at MIP 2, finetuner at MIP 1) scores well on the patch
+#: metrics but visibly morphs the sections along a chain (docs/estimators.md), so no preset offers it.
+PRESETS: dict[str, list[dict[str, Any]]] = {"exact": DEFAULT_STAGES, "serial": SERIAL_STAGES}
 
 
 def preset(name: str) -> StagesSpec:
-    """The validated stage spec of a named preset (exact, serial, serial-fine)."""
+    """The validated stage spec of a named preset (exact, serial)."""
     if name not in PRESETS:
         raise InputError(f"unknown stage preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
     return parse_stages(PRESETS[name])
