@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import write_section  # noqa: E402
+from report import save_results, write_section  # noqa: E402
 
 
-def project(folder: Path, sections: int) -> Path:
-    path = folder / f"project_{sections}.yaml"
+def project(folder: Path, sections: int, fuse: str = "none") -> Path:
+    path = folder / f"project_{sections}_{fuse}.yaml"
     path.write_text(yaml.safe_dump({"source": "file:///nowhere/stack", "destination": str(folder / "out"),
-                                    "sections": {"start": 0, "stop": sections}, "blocks": {"size": 10}}))
+                                    "sections": {"start": 0, "stop": sections}, "blocks": {"size": 10}, "fuse": fuse}))
     return path
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fuse", default="none", help="none, section, block or several, comma-separated")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="dag-parse-"))
@@ -46,25 +47,31 @@ def main() -> None:
 
     os.environ["SEAMLESS_PROJECT"] = str(project(folder, 12))
     DagBag(dag_folder=str(ROOT / "dags"))  # warm-up: imports
-    os.environ["SEAMLESS_PROJECT"] = str(project(folder, args.sections))
-    warm, tasks = [], 0
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        bag = DagBag(dag_folder=str(ROOT / "dags"))
-        warm.append(time.perf_counter() - started)
-        tasks = len(bag.dags["seamless_align"].tasks)
+    rows, saved = [], {}
     code = ("import time; t = time.perf_counter(); from airflow.dag_processing.dagbag import DagBag; "
             f"DagBag(dag_folder={str(ROOT / 'dags')!r}); print(time.perf_counter() - t)")
-    cold = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 env=dict(os.environ)).stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
-    load = os.getloadavg()[0]
-    text = (f"| sections | tasks | parse, imports warm (best of {args.repeats}) | fresh process incl. imports | load avg |\n"
-            f"|---:|---:|---:|---:|---:|\n"
-            f"| {args.sections} | {tasks} | {min(warm):.2f} s | {min(cold):.2f} s | {load:.1f} |\n\n"
-            "Target: < 2 s for 1,000 sections. Command: `.venv/bin/python bench/dag_parse.py --out docs/benchmarks.md`.")
+    for fuse in args.fuse.split(","):
+        os.environ["SEAMLESS_PROJECT"] = str(project(folder, args.sections, fuse))
+        warm, tasks = [], 0
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            bag = DagBag(dag_folder=str(ROOT / "dags"))
+            warm.append(time.perf_counter() - started)
+            tasks = len(bag.dags["seamless_align"].tasks)
+        cold = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env=dict(os.environ)).stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
+        load = os.getloadavg()[0]
+        rows.append(f"| {args.sections} | {fuse} | {tasks} | {min(warm):.2f} s | {min(cold):.2f} s | {load:.1f} |")
+        saved[fuse] = {"tasks": tasks, "warm_s": min(warm), "cold_s": min(cold), "load": load}
+    text = (f"| sections | fuse | tasks | parse, imports warm (best of {args.repeats}) | fresh process incl. imports | load avg |\n"
+            f"|---:|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
+            f"Target: < 2 s for 1,000 sections. Command: `.venv/bin/python bench/dag_parse.py --sections {args.sections} "
+            f"--fuse {args.fuse} --out docs/benchmarks.md`.")
     print(text)
     if args.out:
-        write_section(args.out, "dag-parse", "DAG parse time", text)
+        name = "dag-parse" if args.sections == 1000 else f"dag-parse-{args.sections}"
+        write_section(args.out, name, f"DAG parse time, {args.sections} sections", text)
+        save_results(f"dag_parse_{args.sections}", {"sections": args.sections, "fuse": saved})
 
 
 if __name__ == "__main__":

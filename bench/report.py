@@ -16,3 +16,19 @@ def write_section(path: Path, name: str, heading: str, text: str) -> None:
     else:
         doc += f"\n## {heading}\n\n{block}\n"
     path.write_text(doc)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_results(name: str, data: dict) -> Path:
+    """Keep a benchmark's figures as JSON in bench/results/NAME.json (bench/scaling.py derives docs/scaling.md from them)."""
+    import datetime
+    import json
+    import os
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"date": datetime.date.today().isoformat(), "load_avg_at_save": round(os.getloadavg()[0], 2), **data}
+    path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    return path

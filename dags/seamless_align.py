@@ -1,4 +1,5 @@
-"""The `seamless_align` DAG: one task per step of `seamless_core.plan` (section, MIP stage, step).
+"""The `seamless_align` DAG: one task per step of `seamless_core.plan` (section, MIP stage, step), or per
+group of steps with the project's `fuse: section | block` (`Plan.tasks`: fewer task and pod starts).
 
 Thin on purpose (docs/dags.md): the tasks come from the project YAML named by env SEAMLESS_PROJECT
 (default: dags/seamless_project.example.yaml, the 30-section demo volume), read when the file is parsed;
@@ -24,7 +25,8 @@ from seamless_core.plan import build_plan
 DEFAULT_PROJECT = Path(__file__).with_name("seamless_project.example.yaml")
 PROJECT = Path(os.environ.get("SEAMLESS_PROJECT") or DEFAULT_PROJECT).expanduser().resolve()
 GROUPS = {"stitch": "stitch", "compose": "compose", "render": "render", "downsample": "render",
-          "cpc": "quality", "cpc_source": "quality"}  # anything else with a block: that block's serial chain
+          "cpc": "quality", "cpc_source": "quality",
+          "final": "render"}  # anything else with a block (a fused `chain` too): that block's serial chain
 
 
 def _local(path: str | None, root: Path) -> str | None:
@@ -44,7 +46,7 @@ config = parse_config(_raw, str(PROJECT))  # validation only: no storage is touc
 base = config.model_dump(mode="json")
 plan = build_plan(config)
 structure = structure_key(plan)
-priorities = plan.priorities()
+priorities = plan.task_priorities()  # = plan.priorities() with fuse: none (a task per step)
 stages = config.stages if isinstance(config.stages, str) else "project"
 
 params = {
@@ -67,7 +69,11 @@ params = {
                         description="sections over which a stitch correction fades; fixed by the project YAML"),
     "chunk": Param(config.chunk, type=["null", "integer"], minimum=1, title="Field chunk (px)",
                    description="processing chunk edge of field steps; empty = the storage chunk"),
-    "device": Param(config.device, type="string", title="Device", description="cpu, cuda, cuda:N or auto"),
+    "fuse": Param(config.fuse, type="string", enum=["none", "section", "block"], title="Fuse steps into tasks",
+                  description="none: a task per step; section / block: a section's (block's) chain and final steps "
+                              "as one task each (docs/dags.md); fixed by the project YAML (it shapes the tasks)"),
+    "device": Param(config.device, type="string", pattern="^(cpu|cuda(:[0-9]+)?|auto)$", title="Device",
+                    description="cpu, cuda, cuda:N or auto"),
 }
 
 with DAG(
@@ -78,7 +84,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,  # two runs would write the same destination
     tags=["seamless"],
-    doc_md=__doc__ + f"\n\nProject: `{PROJECT}`; executor: `{executor()}`; {len(plan.steps)} steps.",
+    doc_md=__doc__ + f"\n\nProject: `{PROJECT}`; executor: `{executor()}`; {len(plan.steps)} steps in {len(plan.tasks)} tasks (fuse: {config.fuse}).",
 ) as dag:
     ref_args = (base, str(PROJECT))
     groups: dict[str, TaskGroup] = {}
@@ -91,7 +97,7 @@ with DAG(
 
     kind = executor()
     tasks = {}
-    for step in plan.steps:
+    for step in plan.tasks:  # one step each, or several fused (`fuse`)
         task = step_operator(step, plan, kind=kind, priorities=priorities, task_group=group(step),
                              plan_ref=PlanStepRef(*ref_args, step.id, structure))
         if step.deps:  # what set_upstream does, without its per-call checks (all tasks share this DAG)

@@ -56,7 +56,7 @@ def step_link(ref: PlanStepRef, params: dict[str, Any]) -> str:
         plan = _plan_for(json.dumps(config, sort_keys=True), f"{ref.origin} with this run's Params")
     except InputError:  # invalid Params: the task itself failed with parse_config's message
         return ""
-    step = plan.by_id.get(ref.step_id)
+    step = plan.by_id.get(ref.step_id) or plan.task_by_id.get(ref.step_id)  # a step, or steps fused into a task
     if step is None or step.z is None:
         return ""
     layers = [("aligned", plan.layout.image), ("source", plan.config.source)]

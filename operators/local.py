@@ -31,7 +31,7 @@ from .settings import ENV_VARIABLE as SETTINGS_ENV
 from .step_args import checked_step, with_retry_defaults
 
 if TYPE_CHECKING:
-    from seamless_core.plan import Plan, Step
+    from seamless_core.plan import Plan, Step, Task
 
 EXECUTOR_ENV = "SEAMLESS_EXECUTOR"
 EXECUTOR_VARIABLE = "seamless_executor"
@@ -78,19 +78,42 @@ def gpu_pool() -> str:
 
 # --- run-time command lines from the run's Params ------------------------------------------------
 def structure_key(plan: Plan) -> str:
-    """A hash of the plan's task structure: step ids and their dependencies, nothing else."""
+    """A hash of the plan's task structure: task ids, their steps and dependencies, nothing else."""
     digest = hashlib.sha256()
-    for step in plan.steps:
-        digest.update(step.id.encode())
+    for task in plan.tasks:
+        digest.update(task.id.encode())
+        digest.update(b"=")
+        digest.update(",".join(task.steps).encode())
         digest.update(b"<")
-        digest.update(",".join(step.deps).encode())
+        digest.update(",".join(task.deps).encode())
         digest.update(b";")
     return digest.hexdigest()
 
 
+def _param_int(name: str, value: Any) -> int:
+    """An integer Param (or conf key); anything else is refused naming it (JSON numbers like 32.0 pass)."""
+    from seamless_core.errors import InputError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"Param {name} must be an integer, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, float) else int(value)
+    except ValueError:
+        raise InputError(f"Param {name} must be an integer, got {value!r}") from None
+    if isinstance(number, float) and not number.is_integer():
+        raise InputError(f"Param {name} must be an integer, got {value!r}")
+    return int(number)
+
+
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The project config with a run's Params laid over it (the Params of dags/seamless_align.py)."""
+    """The project config with a run's Params laid over it (the Params of dags/seamless_align.py).
+
+    Values of the wrong type (a run's conf may carry keys the Params form does not declare, such as
+    `mask` and `fill_missing`) raise an InputError naming the Param, never a bare TypeError/ValueError.
+    """
     import copy
+
+    from seamless_core.errors import InputError
 
     config = copy.deepcopy(base)
     get = params.get
@@ -98,24 +121,28 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
         if get(key) not in (None, ""):
             config[key] = get(key)
     if get("chunk") not in (None, "", 0):
-        config["chunk"] = int(get("chunk"))
+        config["chunk"] = _param_int("chunk", get("chunk"))
     if get("fill_missing") is not None:
-        config["fill_missing"] = bool(get("fill_missing"))
+        if not isinstance(get("fill_missing"), bool):
+            raise InputError(f"Param fill_missing must be true or false, got {get('fill_missing')!r}")
+        config["fill_missing"] = get("fill_missing")
     if get("stages") not in (None, "", "project"):
         config["stages"] = get("stages")
+    if get("fuse") not in (None, ""):
+        config["fuse"] = get("fuse")
     sections = dict(config.get("sections", {}))
     for key in ("start", "stop"):
         if get(f"section_{key}") is not None:
-            sections[key] = int(get(f"section_{key}"))
+            sections[key] = _param_int(f"section_{key}", get(f"section_{key}"))
     config["sections"] = sections
     blocks = dict(config.get("blocks") or {})
     for key, name in (("size", "block_size"), ("decay_dist", "decay_dist")):
         if get(name) is not None:
-            blocks[key] = int(get(name))
+            blocks[key] = _param_int(name, get(name))
     config["blocks"] = blocks
     vote = dict(config.get("vote") or {})
     if get("k") is not None:
-        vote["k"] = int(get("k"))
+        vote["k"] = _param_int("k", get("k"))
     config["vote"] = vote
     return config
 
@@ -131,7 +158,8 @@ def _plan_for(config_json: str, origin: str) -> Plan:
 
 
 class PlanStepRef:
-    """Which plan step a task runs and the project it came from; resolves its argv at run time."""
+    """Which plan task (one step, or steps fused: `Plan.tasks`) a task runs and the project it came from;
+    resolves its argv at run time."""
 
     def __init__(self, base: dict[str, Any], origin: str, step_id: str, structure: str) -> None:
         self.base, self.origin, self.step_id, self.structure = base, origin, step_id, structure
@@ -141,9 +169,9 @@ class PlanStepRef:
 
         from seamless_core.errors import InputError
 
-        config = apply_params(self.base, dict(params or {}))
         try:
-            plan = _plan_for(json.dumps(config, sort_keys=True), f"{self.origin} with this run's Params")
+            config = apply_params(self.base, dict(params or {}))
+            plan = _plan_for(json.dumps(config, sort_keys=True, default=str), f"{self.origin} with this run's Params")
         except InputError as exc:
             raise AirflowFailException(str(exc)) from None
         if structure_key(plan) != self.structure:
@@ -151,9 +179,10 @@ class PlanStepRef:
             raise AirflowFailException(
                 f"this run's Params change the DAG's task structure (changed: {', '.join(changed) or 'none'}): the "
                 f"tasks are fixed when the DAG file is parsed, from the project YAML {self.origin}. Edit that file "
-                "(or point SEAMLESS_PROJECT at another) for another section range, block size, k, decay_dist or stages"
+                "(or point SEAMLESS_PROJECT at another) for another section range, block size, k, decay_dist, stages "
+                "or fuse"
             )
-        return plan.argv(plan.by_id[self.step_id])
+        return plan.task_argv(plan.task_by_id[self.step_id])
 
 
 class _Planned:
@@ -264,18 +293,22 @@ def _pod_class() -> type:
     return PlannedPodOperator
 
 
-def step_operator(step: Step, plan: Plan, *, kind: str | None = None, plan_ref: PlanStepRef | None = None,
+def step_operator(step: Step | Task, plan: Plan, *, kind: str | None = None, plan_ref: PlanStepRef | None = None,
                   priorities: dict[str, int] | None = None, pool: str | None = None, **kwargs: Any) -> BaseOperator:
-    """The task for one plan step: task id = step id, display name = step label, absolute priority.
+    """The task for one plan step or one plan task (`Plan.tasks`: steps fused by `fuse`): task id = its id,
+    display name = its label, absolute priority; a task runs its steps' command lines joined by `--then`.
 
     `kind` is `local` or `kubernetes` (default: `executor()`); GPU steps go to the GPU pool (`gpu_pool()`)
     and, on Kubernetes, to the GPU node pool; the others to the CPU node pool and Airflow's default pool.
     """
     kind = kind or executor()
-    priorities = priorities if priorities is not None else plan.priorities()
+    fused = hasattr(step, "steps")  # a plan Task
+    if priorities is None:
+        priorities = plan.task_priorities() if fused else plan.priorities()
     if step.gpu:
         kwargs.setdefault("pool", pool or gpu_pool())
-    common = dict(task_id=step.id, task_display_name=step.label, step=plan.argv(step),
+    argv = plan.task_argv(step) if fused else plan.argv(step)  # type: ignore[arg-type]
+    common = dict(task_id=step.id, task_display_name=step.label, step=argv,
                   pool_kind="gpu" if step.gpu else "cpu", priority_weight=priorities[step.id],
                   weight_rule="absolute", plan_ref=plan_ref, **kwargs)
     if kind == "local":

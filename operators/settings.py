@@ -16,6 +16,7 @@ ENV_VARIABLE = "AIRFLOW_VAR_SEAMLESS_K8S"
 EXECUTION_ENV = "SEAMLESS_EXECUTION"  # "kubernetes" (pods) or "local" (the embedded default's twin)
 POOL_KINDS = ("gpu", "cpu")
 SHM_VOLUME = "dshm"
+TMP_VOLUME = "tmp"  # the only writable local folder under readOnlyRootFilesystem (steps write to storage)
 
 
 class SettingsError(ValueError):
@@ -40,11 +41,14 @@ def load_settings(raw: str | None = None) -> dict[str, Any]:
     return settings
 
 
-def pod_template(settings: dict[str, Any], pool_kind: str, *, shm_size: str = "2Gi") -> dict[str, Any]:
+def pod_template(settings: dict[str, Any], pool_kind: str, *, shm_size: str = "2Gi",
+                 tmp_size: str = "1Gi") -> dict[str, Any]:
     """A Kubernetes Pod (as a dict) for one task: pool placement, identity, security, secret volumes.
 
     /dev/shm is a memory-backed emptyDir: torch's data loaders and shared tensors need more than the
-    64 MiB a container gets by default.
+    64 MiB a container gets by default. /tmp is an emptyDir too: the chart's container securityContext
+    makes the root filesystem read-only (every plan step writes only to its storage layers, and scratch
+    to /tmp; tests/reliability/test_secrets.py checks that), and the image has no other writable folder.
     """
     if pool_kind not in POOL_KINDS:
         raise SettingsError(f"unknown pool kind {pool_kind!r}: use one of {', '.join(POOL_KINDS)}")
@@ -53,8 +57,10 @@ def pod_template(settings: dict[str, Any], pool_kind: str, *, shm_size: str = "2
     for key in ("limits", "requests"):
         if pool.get(key):
             resources[key] = dict(pool[key])
-    volumes = [*settings.get("volumes", []), {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}]
-    mounts = [*settings.get("volume_mounts", []), {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    volumes = [*settings.get("volumes", []), {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+               {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": tmp_size}}]
+    mounts = [*settings.get("volume_mounts", []), {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+              {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -517,6 +517,15 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}; finished chunks are kept, rerun to continue")
 
 
+def _unraisable(unraisable: Any) -> None:
+    """cloud-files' connection pools raise AttributeError in __del__ when their client never connected (no
+    or bad credentials): a traceback at exit after the real error was reported. Dropped; others printed."""
+    where = getattr(unraisable.object, "__module__", "") or ""
+    if unraisable.exc_type is AttributeError and where.startswith("cloudfiles.connectionpools"):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def split_marker_options(argv: list[str]) -> tuple[Any, list[str]]:
     """`seamless --marker URL [--upstream URL ...] STEP ...`: the restart-marker wrapper of plan steps."""
     if not argv or argv[0] not in ("--marker", "--upstream"):
@@ -565,14 +574,57 @@ def run_command(argv: list[str]) -> tuple[int, bool]:
     return int(ExitCode.OK), False
 
 
+THEN = "--then"  # = seamless_core.plan.THEN (not imported from there: the plan would load pydantic into every step)
+
+
+def split_steps(argv: list[str]) -> list[list[str]]:
+    """A fused task's command line (`seamless STEP_A --then STEP_B ...`, seamless_core.plan.THEN) -> its steps."""
+    parts: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == THEN:
+            parts.append([])
+        else:
+            parts[-1].append(arg)
+    if len(parts) > 1 and not all(parts):
+        raise InputError(f"{THEN} joins two step command lines: nothing may stand right before or after it")
+    return parts
+
+
+def run_steps(argv: list[str]) -> int:
+    """Run the steps of one command line in order, in this process (imports paid once); stop at the first
+    failure and return its exit code. Each step keeps its own restart marker: a rerun skips finished ones."""
+    try:
+        parts = split_steps(argv)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code)
+    for i, part in enumerate(parts, 1):
+        if len(parts) > 1:
+            log.info("step %d of %d: %s", i, len(parts), part[1] if part[0] == "--marker" else part[0])
+        code = run_command(part)[0]
+        if code != 0:
+            return code
+    return int(ExitCode.OK)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one clear line per user error, a traceback only for bugs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    sys.unraisablehook = _unraisable
     _set_threads()
-    return run_command(sys.argv[1:] if argv is None else argv)[0]
+    argv = sys.argv[1:] if argv is None else argv
+    from .locks import step_lock
+
+    try:
+        lock = step_lock(argv)  # a plan step on its own (an Airflow task) shares its destination's lock
+        with lock:
+            return run_steps(argv)
+    except SeamlessError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return int(exc.exit_code)
 
 
 from . import cli_workflow  # noqa: E402,F401  (registers init, plan, align)

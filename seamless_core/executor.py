@@ -16,11 +16,10 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ExitCode, InputError, SeamlessError
+from .errors import ExitCode, SeamlessError
 from .markers import delete_marker, read_marker
 from .plan import Plan, Step
 
@@ -93,41 +92,17 @@ def forget(plan: Plan, steps: list[Step]) -> int:
     return count
 
 
-@contextlib.contextmanager
-def destination_lock(plan: Plan) -> Iterator[None]:
-    """One `seamless align` at a time per local destination: a second one is refused, not interleaved.
+def destination_lock(plan: Plan) -> contextlib.AbstractContextManager[None]:
+    """One `seamless align` at a time per local destination, and none beside an Airflow run's steps.
 
-    An flock on <destination>/.seamless/lock: the kernel drops it when the holder dies (even kill -9),
-    so there is never a stale lock to clear by hand. Remote destinations (gs://, s3://) have no such
-    lock; there Airflow's max_active_runs=1 serialises runs (docs/workflow.md).
+    An exclusive flock on <destination>/.seamless/lock (seamless_core.locks): a second run is refused,
+    not interleaved; the kernel drops the lock when the holder dies (even kill -9), so there is never a
+    stale lock to clear by hand. Remote destinations (gs://, s3://) have no such lock; there Airflow's
+    max_active_runs=1 serialises runs (docs/workflow.md).
     """
-    dst = plan.layout.destination
-    if not dst.startswith("file://"):
-        yield
-        return
-    import fcntl
-    import json
-    import socket
+    from .locks import exclusive
 
-    path = Path(dst.removeprefix("file://")) / ".seamless" / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise InputError(f"another `seamless align` is writing into {dst} ({holder}); wait for it to finish "
-                             "or choose another destination: two runs would interleave their sections") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(plan.layout.destination)
 
 
 def execute(plan: Plan, *, workers: int = 1, force: bool = False) -> ExecutionSummary:

@@ -3,8 +3,8 @@
 A step's input hash covers its whole command line (paths and parameters) and the run ids of the
 markers of the steps it waited for, so a step is redone exactly when its parameters changed or when
 something upstream was redone since (a forced or changed upstream step writes a new run id).
-Markers are written after the step's last chunk, through cloud-files like every layer, so they work on
-file://, gs:// and s3:// alike; a killed step leaves no marker and is simply run again.
+Markers are written after the step's last chunk, whole or not at all (volumes.put_whole), on file://,
+gs:// and s3:// alike; a killed step leaves no marker and is simply run again.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudfiles import CloudFiles
+from cloudvolume.lib import jsonify
 
 from .errors import InputError
-from .volumes import storage_secrets, with_retries
+from .volumes import put_whole, storage_secrets, with_retries
 
 
 def _split(url: str) -> tuple[CloudFiles, str]:
@@ -82,6 +83,6 @@ class MarkedStep:
             "host": socket.gethostname(),
             "report": report or {},
         }
-        files, name = _split(self.marker)
-        with_retries(lambda: files.put_json(name, data), f"writing marker {self.marker}")
+        folder, name = posixpath.split(self.marker)
+        put_whole(folder, name, jsonify(data).encode(), f"writing marker {self.marker}")  # never torn
         return data

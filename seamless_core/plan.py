@@ -18,12 +18,24 @@ The shape (docs/workflow.md has the picture):
   of its block and the blocks before it, each scaled by max(0, 1 - (z - s_j) / decay_dist);
 * final render at `render.mip` with mask blackout and its MIP pyramid (`--downsample-to`: one task, not two),
   and CPC before and after.
+
+Tasks (`Plan.tasks`): what an orchestrator starts as one unit. With `fuse: none` a task is one step. On
+the sample a step computes for well under a second while a task start (an Airflow task runner plus a
+`python -m seamless_core` child importing torch, or a pod) costs seconds, so `fuse: section` runs a
+section's serial chain (its compute_fields, vote and block render) as one task and its final steps
+(compose, render, CPC of the source) as another, and `fuse: block` does the same per block. A fused task
+is one `seamless` command line: the steps' own command lines joined by `--then`, each still with its own
+restart marker, so a retried task skips the steps it already finished and both executors leave the same
+markers. Fusing never joins steps that could run in parallel across sections or blocks: the blocks'
+chains stay independent, a stitch runs at the end of the chain that votes it, and the CPC of a block's
+first section (it needs the previous block's render) is a task of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .config import ProjectConfig
 from .estimators.spec import StagesSpec
@@ -114,6 +126,23 @@ class Step:
         return " ".join(p for p in parts if p)
 
 
+THEN = "--then"  # joins the command lines of a fused task's steps: `seamless A --then B` runs A, then B
+
+
+@dataclass(frozen=True)
+class Task:
+    """Steps an orchestrator runs as one unit (one Airflow task, one pod), in order, in one process."""
+
+    id: str  # the step id when the task is one step; else e.g. `z12.chain`, `b001.final`, `b001.cpc`
+    kind: str  # the step's kind when one step; else chain, final or cpc
+    steps: tuple[str, ...]  # step ids, in a valid order
+    deps: tuple[str, ...] = ()  # task ids
+    label: str = ""
+    z: int | None = None  # the section the task's link opens (the first one of a block's)
+    block: int | None = None
+    gpu: bool = False
+
+
 @dataclass(frozen=True)
 class Plan:
     config: ProjectConfig
@@ -132,26 +161,122 @@ class Plan:
             argv += ["--upstream", self.layout.marker(dep)]
         return argv + list(step.args)
 
+    @cached_property
+    def tasks(self) -> tuple[Task, ...]:
+        """The steps grouped into tasks by `config.fuse`, in a valid order (see the module docstring)."""
+        return _fuse(self)
+
+    @cached_property
+    def task_by_id(self) -> dict[str, Task]:
+        return {t.id: t for t in self.tasks}
+
+    def task_argv(self, task: Task) -> list[str]:
+        """One `seamless` command line for the whole task: its steps' command lines joined by `--then`."""
+        argv: list[str] = []
+        for step_id in task.steps:
+            argv += ([THEN] if argv else []) + self.argv(self.by_id[step_id])
+        return argv
+
+    def task_priorities(self) -> dict[str, int]:
+        """`priorities` over the tasks: the length of the longest chain of tasks waiting on each."""
+        return _longest_chains(self.tasks)
+
     def priorities(self) -> dict[str, int]:
         """Length of the longest chain of steps that waits on each step: run the longest first.
 
         The serial chains of the blocks are the critical path; this keeps them from being starved by
         steps that could wait (CPC of the source, say). Also the Airflow tasks' priority_weight.
         """
-        depth: dict[str, int] = {}
-        dependants: dict[str, list[str]] = {s.id: [] for s in self.steps}
-        for step in self.steps:
-            for dep in step.deps:
-                dependants[dep].append(step.id)
-        for step in reversed(self.steps):  # the builder emits a valid order
-            depth[step.id] = 1 + max((depth[c] for c in dependants[step.id]), default=0)
-        return depth
+        return _longest_chains(self.steps)
 
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for step in self.steps:
             counts[step.kind] = counts.get(step.kind, 0) + 1
         return counts
+
+
+def _longest_chains(items: tuple[Step, ...] | tuple[Task, ...]) -> dict[str, int]:
+    """Per item (listed in a valid order), 1 + the longest chain of items that waits on it."""
+    depth: dict[str, int] = {}
+    dependants: dict[str, list[str]] = {s.id: [] for s in items}
+    for item in items:
+        for dep in item.deps:
+            dependants[dep].append(item.id)
+    for item in reversed(items):
+        depth[item.id] = 1 + max((depth[c] for c in dependants[item.id]), default=0)
+    return depth
+
+
+_CHAIN = ("block_start", "compute_field", "vote", "block_render", "stitch")
+
+
+def _fuse(plan: Plan) -> tuple[Task, ...]:
+    """Group the plan's steps into tasks (`config.fuse`); each task's deps are the other tasks its steps wait on."""
+    fuse = plan.config.fuse
+    if fuse == "none":
+        return tuple(Task(s.id, s.kind, (s.id,), s.deps, s.label, s.z, s.block, s.gpu) for s in plan.steps)
+    blocks = plan.blocks
+    owners = {z: b for b in blocks for z in b.sections}
+
+    def owner(z: int) -> Block | None:
+        """The block whose chain computes section z (a block's start belongs to the block before it)."""
+        return owners.get(z)
+
+    def chain_of(z: int) -> str:  # the task that computes (votes) section z
+        block = owner(z)
+        return f"b{block.index:03d}.chain" if fuse == "block" else f"z{z}.chain"
+
+    def final_of(z: int) -> str:
+        block = owner(z) or (blocks[0] if blocks else None)
+        index = block.index if block else 0
+        return f"b{index:03d}.final" if fuse == "block" else f"z{z}.final"
+
+    def key(step: Step) -> str:
+        assert step.z is not None
+        if step.kind == "block_start":  # runs first in the chain of its block's first section
+            return chain_of(step.z + 1)
+        if step.kind in _CHAIN:  # a stitch copies the vote of the section it is: the end of that chain
+            return chain_of(step.z)
+        if step.kind == "cpc":  # needs the renders of z - 1 and z: with them when they share a task
+            if final_of(step.z - 1) == final_of(step.z):
+                return final_of(step.z)
+            block = owner(step.z) or (blocks[0] if blocks else None)
+            return f"b{block.index if block else 0:03d}.cpc"
+        return final_of(step.z)  # compose, render, cpc_source
+
+    members: dict[str, list[Step]] = {}
+    for step in plan.steps:
+        members.setdefault(key(step), []).append(step)
+    task_of = {s.id: k for k, group in members.items() for s in group}
+    deps = {k: sorted({task_of[d] for s in group for d in s.deps} - {k}) for k, group in members.items()}
+    position = {s.id: i for i, s in enumerate(plan.steps)}
+    first = {k: position[group[0].id] for k, group in members.items()}
+    order: list[str] = []
+    done: set[str] = set()
+    pending = sorted(members, key=first.__getitem__)
+    while pending:  # Kahn, stable in plan order
+        ready = [k for k in pending if all(d in done for d in deps[k])]
+        if not ready:
+            raise ValueError(f"fusing steps made a cycle among tasks {pending[:5]}")
+        order += ready
+        done.update(ready)
+        pending = [k for k in pending if k not in done]
+    return tuple(_task(k, members[k], tuple(deps[k]), blocks) for k in order)
+
+
+def _task(task_id: str, steps: list[Step], deps: tuple[str, ...], blocks: tuple[Block, ...]) -> Task:
+    kind = task_id.rsplit(".", 1)[1]
+    zs = sorted({s.z for s in steps if s.z is not None})
+    block = int(task_id[1:4]) if task_id.startswith("b") else steps[0].block
+    counts: dict[str, int] = {}
+    for s in steps:
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    what = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in counts.items())
+    where = f"z={zs[0]}" if len(zs) == 1 else f"z={zs[0]}-{zs[-1]}"
+    label = f"{where} {kind}: {what}" if not task_id.startswith("b") else f"block {block} {where} {kind}: {what}"
+    z = next((s.z for s in steps if s.kind not in ("block_start", "stitch") and s.z is not None), zs[0] if zs else None)
+    return Task(task_id, kind, tuple(s.id for s in steps), deps, label, z, block, any(s.gpu for s in steps))
 
 
 def split_blocks(start: int, stop: int, size: int, bad: Iterable[int] = ()) -> list[Block]:

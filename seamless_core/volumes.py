@@ -26,14 +26,17 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
+from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudfiles.exceptions import DecompressionError
 from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
+from cloudvolume.lib import jsonify
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import InputError, LayerError, StorageError
 from .paths import SUPPORTED_SCHEMES, normalise_path  # noqa: F401  (re-exported: steps import them from here)
 from .geometry import BBox, Vec3
+from .storage_retries import CONNECTION_ERRORS, TRANSIENT_STATUS, fail_fast_in_cloudfiles, is_permanent, object_name
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ FIELD_CONVENTION: dict[str, Any] = {
     "channel_meaning": "channel 0: displacement along CloudVolume x; channel 1: along CloudVolume y",
 }
 T = TypeVar("T")
+fail_fast_in_cloudfiles()  # a 403 fails a step at once instead of after a minute of cloud-files retries
 
 
 def _decode_errors() -> tuple[type[BaseException], ...]:
@@ -105,10 +109,22 @@ def _is_transient(exc: BaseException) -> bool:
     """Storage faults worth retrying: network trouble, throttling, server errors."""
     if isinstance(exc, (EmptyVolumeException, InfoUnavailableError, FileNotFoundError, InputError)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, CONNECTION_ERRORS):
         return True
     code = getattr(exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
-    return code in (408, 429, 500, 502, 503, 504)
+    return code in TRANSIENT_STATUS
+
+
+def _refused(exc: BaseException, what: str) -> LayerError:
+    """A permanent refusal by the store (4xx), as an error naming the action, the layer and the object."""
+    code = getattr(exc, "code", "4xx")
+    name = object_name(exc)
+    hint = {401: "the credentials were not accepted: check the mounted service-account key",
+            403: "the credentials lack permission: grant them access to that bucket (storage.objects.get to "
+                 "read, storage.objects.create to write) or check the path",
+            404: "it does not exist: check the path"}.get(code, "check the path and the layer")  # type: ignore[call-overload]
+    return LayerError(f"{what}: the store refused it with HTTP {code}" + (f" for object {name}" if name else "")
+                      + f" (permanent, not retried); {hint}")
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5) -> T:
@@ -125,6 +141,10 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 5) -> T:
     except RetryError as exc:
         cause = exc.last_attempt.exception()
         raise StorageError(f"{what} failed after {attempts} attempts: {cause}") from cause
+    except Exception as exc:
+        if is_permanent(exc):
+            raise _refused(exc, what) from exc
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -228,6 +248,8 @@ class Layer:
                 f"layer {self.path} has no data in {bbox} (missing chunk {exc}); if empty regions are "
                 "expected there, pass --fill-missing"
             ) from None
+        except InputError:
+            raise  # the store refused the read (with_retries named it); a ValueError like the decode errors
         except DECODE_ERRORS as exc:  # a truncated or corrupt chunk, e.g. written by another tool
             raise LayerError(f"layer {self.path} has an unreadable chunk in {bbox}: {exc}; rewrite that region") from None
         return data.transpose(2, 3, 1, 0)
@@ -405,9 +427,44 @@ class Layer:
             shutil.rmtree(staging, ignore_errors=True)
 
     def commit_info(self) -> None:
-        cv = CloudVolume(self.path, info=self.info, progress=False, secrets=storage_secrets(self.path))
-        with_retries(cv.commit_info, f"writing the info file of {self.path}")
+        """Write the info file whole (CloudVolume's format), never torn: see `put_whole`."""
+        text = jsonify(self.info, sort_keys=True, indent=2, separators=(",", ": "))
+        put_whole(self.path, "info", text.encode(), f"writing the info file of {self.path}")
         self._handles.clear()
+
+
+def put_whole(folder: str, name: str, data: bytes, what: str) -> None:
+    """Write one small file (an info file, a restart marker, a summary) that readers see whole or not at all.
+
+    Object stores replace an object atomically. On file:// cloud-files truncates the file and then writes it,
+    so a writer killed in between left an empty or cut info file, which every later open of the layer refuses,
+    or a cut marker that stops the rerun (tests/reliability/test_kills.py kills steps there). Here the bytes
+    go to a staging file beside the folder, fsynced, then os.replace puts them in place.
+    """
+    folder = normalise_path(folder)
+    if not folder.startswith("file://"):
+        files = CloudFiles(folder, secrets=storage_secrets(folder))
+        with_retries(lambda: files.put(name, data, content_type="application/json", compress=None,
+                                       cache_control="no-cache"), what)
+        return
+    root = urlparse(folder).path
+    target = os.path.join(root, name)
+    staging = os.path.join(root, ".staging")
+
+    def _put() -> None:
+        os.makedirs(staging, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        temporary = os.path.join(staging, f"{uuid.uuid4().hex}-{os.path.basename(name)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            _write_all(fd, memoryview(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, target)
+        _fsync_dir(os.path.dirname(target))
+
+    with_retries(_put, what)
 
 
 _THREAD_BUFFERS = threading.local()
@@ -462,9 +519,35 @@ def clean_stale_staging(layer: Layer, max_age_s: float = STALE_STAGING_S) -> int
         now = time.time()
         for entry in os.scandir(staging_root):
             if now - entry.stat().st_mtime > max_age_s:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                if entry.is_dir():
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:  # a small file's staging copy (put_whole)
+                    os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+MISSING_CREDENTIALS = ("DefaultCredentialsError", "NoCredentialsError", "PartialCredentialsError")
+CREDENTIALS_HINT = {
+    "gs": "put a service-account key in ~/.cloudvolume/secrets/google-secret.json or name it in "
+          "GOOGLE_APPLICATION_CREDENTIALS (on Kubernetes: the chart's secrets.gcs)",
+    "s3": "put {\"AWS_ACCESS_KEY_ID\": ..., \"AWS_SECRET_ACCESS_KEY\": ...} in ~/.cloudvolume/secrets/aws-secret.json "
+          "or set those environment variables (on Kubernetes: the chart's secrets.aws)",
+}
+
+
+def _credentials_failed(exc: BaseException) -> bool:
+    """Missing or unusable storage credentials: google-auth's and botocore's errors (without importing
+    either), or any error raised while google-auth loads a key (a malformed key file: cryptography's ValueError)."""
+    if type(exc).__name__ in MISSING_CREDENTIALS:
+        return True
+    frame = exc.__traceback__
+    while frame is not None:
+        name = frame.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/google/oauth2/" in name or "/google/auth/" in name:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _fetch_info(path: str) -> dict[str, Any] | None:
@@ -474,6 +557,13 @@ def _fetch_info(path: str) -> dict[str, Any] | None:
         cv = CloudVolume("precomputed://" + path, progress=False, secrets=storage_secrets(path))
     except InfoUnavailableError:
         return None
+    except Exception as exc:
+        if _credentials_failed(exc):
+            said = exc.args[0] if exc.args and isinstance(exc.args[0], str) else type(exc).__name__
+            said = (said.strip().splitlines() or [type(exc).__name__])[0][:300]  # names files or variables, not keys
+            raise LayerError(f"no usable credentials to read {path} ({said}); "
+                             + CREDENTIALS_HINT.get(path.split("://", 1)[0], "check the path")) from None
+        raise
     except json.JSONDecodeError as exc:  # orjson's error derives from it
         raise LayerError(
             f"the info file of {path} is not valid JSON ({exc}): on file:// a writer killed while writing it "

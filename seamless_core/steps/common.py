@@ -58,10 +58,25 @@ def to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def read_clamped(layer: Layer, box: BBox) -> np.ndarray:
-    """Read `box`, replicating the volume's edge outside its bounds (fields, masks: no false zeros)."""
-    inside = box.intersection(layer.bounds(box.mip))
+    """Read `box`, replicating the volume's edge outside its bounds (fields, masks: no false zeros).
+
+    A box wholly outside the bounds (a window that a large displacement near the volume's edge pulls
+    from) reads as the nearest edge strip, replicated: what border sampling of the whole layer gives.
+    """
+    bounds = layer.bounds(box.mip)
+    inside = box.intersection(bounds)
     if inside.is_empty:
-        raise InputError(f"{box} does not overlap {layer.path} (bounds {layer.bounds(box.mip)})")
+        z_inside = bounds.start[2] <= box.start[2] and box.stop[2] <= bounds.stop[2]
+        if bounds.is_empty or box.is_empty or not z_inside:
+            raise InputError(f"{box} does not overlap {layer.path} (bounds {bounds})")
+        (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
+        (bx0, by0, _), (bx1, by1, _) = bounds.start, bounds.stop
+        nearest = BBox((min(max(x0, bx0), bx1 - 1), min(max(y0, by0), by1 - 1), z0),
+                       (max(min(x1, bx1), bx0 + 1), max(min(y1, by1), by0 + 1), z1), box.mip)
+        data = layer.read(nearest)
+        ys = np.clip(np.arange(box.start[1], box.stop[1]), nearest.start[1], nearest.stop[1] - 1) - nearest.start[1]
+        xs = np.clip(np.arange(box.start[0], box.stop[0]), nearest.start[0], nearest.stop[0] - 1) - nearest.start[0]
+        return data[:, :, ys[:, None], xs[None, :]]
     data = layer.read(inside)
     pads = (
         inside.start[0] - box.start[0],

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cloudfiles import CloudFiles
+from cloudvolume.lib import jsonify
 
 from ..devices import resolve_device
 from ..errors import InputError
 from ..geometry import BBox, chunk_grid
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
-from ..volumes import Layer, LayerKind, check_within, create_from_info, make_image_info, open_layer, storage_secrets, with_retries
+from ..volumes import Layer, LayerKind, check_within, create_from_info, make_image_info, open_layer, put_whole
 from .common import to_tensor
 
 log = logging.getLogger("seamless.cpc")
@@ -108,12 +108,11 @@ def cpc(src: Layer, dst: Layer, region: BBox, params: CpcParams, *,
     run_chunks(chunks, load, compute, dst.write, progress, prefetch=params.prefetch,
                pixels=lambda c: c.size[0] * c.size[1] * params.patch**2)
     report = progress.close()
-    files = CloudFiles(dst.path, secrets=storage_secrets(dst.path))
     summaries = []
     for z in sections:
         summary = summarise(np.concatenate(results[z]) if results[z] else np.array([]), z)
         summaries.append(summary)
-        with_retries(lambda s=summary: files.put_json(f"summary/{s['z']}.json", s), f"writing CPC summary z={z}")
+        put_whole(dst.path, f"summary/{summary['z']}.json", jsonify(summary).encode(), f"writing CPC summary z={z}")
         log.info("cpc %s", ", ".join(f"{k}={v}" for k, v in summary.items()))
     report.details.update({"mip": params.mip, "patch": params.patch, "sections": summaries})
     return report

@@ -99,7 +99,7 @@ in Kubernetes' own field names so they can go into a pod spec as they are.
   "volume_mounts" $mounts
   "env" $env
   "pod_security_context" (dict "runAsNonRoot" true "runAsUser" $uid "runAsGroup" $uid "fsGroup" $uid "seccompProfile" (dict "type" "RuntimeDefault"))
-  "container_security_context" (dict "allowPrivilegeEscalation" false "capabilities" (dict "drop" (list "ALL")))
+  "container_security_context" (dict "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")))
 -}}
 {{- $settings | toJson -}}
 {{- end }}
