@@ -69,9 +69,10 @@ params = {
                         description="sections over which a stitch correction fades; fixed by the project YAML"),
     "chunk": Param(config.chunk, type=["null", "integer"], minimum=1, title="Field chunk (px)",
                    description="processing chunk edge of field steps; empty = the storage chunk"),
-    "fuse": Param(config.fuse, type="string", enum=["none", "section", "block"], title="Fuse steps into tasks",
-                  description="none: a task per step; section / block: a section's (block's) chain and final steps "
-                              "as one task each (docs/dags.md); fixed by the project YAML (it shapes the tasks)"),
+    "fuse": Param(config.fuse, type="string", enum=["none", "pairs", "section", "block"], title="Fuse steps into tasks",
+                  description="none: a task per step; pairs: a vote with its block render, a compose with its render, "
+                              "a block's CPCs; section / block: a section's (block's) chain and final steps as one task "
+                              "each (docs/dags.md); fixed by the project YAML (it shapes the tasks)"),
     "device": Param(config.device, type="string", pattern="^(cpu|cuda(:[0-9]+)?|auto)$", title="Device",
                     description="cpu, cuda, cuda:N or auto"),
 }

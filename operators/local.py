@@ -79,15 +79,8 @@ def gpu_pool() -> str:
 # --- run-time command lines from the run's Params ------------------------------------------------
 def structure_key(plan: Plan) -> str:
     """A hash of the plan's task structure: task ids, their steps and dependencies, nothing else."""
-    digest = hashlib.sha256()
-    for task in plan.tasks:
-        digest.update(task.id.encode())
-        digest.update(b"=")
-        digest.update(",".join(task.steps).encode())
-        digest.update(b"<")
-        digest.update(",".join(task.deps).encode())
-        digest.update(b";")
-    return digest.hexdigest()
+    text = ";".join(f"{task.id}={','.join(task.steps)}<{','.join(task.deps)}" for task in plan.tasks)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _param_int(name: str, value: Any) -> int:

@@ -195,13 +195,15 @@ def copy(
     chunk: Chunk = None,
     downsample_to: DownsampleTo = None,
     fill_missing: FillMissing = False,
+    refuse_empty: Annotated[bool, typer.Option("--refuse-empty", help="Refuse (exit 3) a section with no tissue at all "
+                                               "(a block start: it would leave the block without a frame).")] = False,
     report_json: Report = None,
 ) -> None:
     """Copy a region of a layer into another layer of the same kind."""
     from .steps.copy import CopyParams, copy_layer, prepare_copy
 
     layer_kind = _kind(kind, ("image", "mask", "field"))
-    params = CopyParams(mip=mip, chunk_xy=chunk, fill_missing=fill_missing)
+    params = CopyParams(mip=mip, chunk_xy=chunk, fill_missing=fill_missing, refuse_empty=refuse_empty)
     region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, layer_kind, mip)) if (bbox or z) else None
     s, d, r = prepare_copy(src, dst, layer_kind, region, params)
     report = copy_layer(s, d, r, params)

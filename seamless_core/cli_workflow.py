@@ -12,6 +12,7 @@ import typer
 
 from .cli import app, parse_z
 from .errors import InputError
+from .plan import Plan
 
 ConfigArg = Annotated[Path, typer.Argument(help="Project config (YAML); `seamless init` writes an example.")]
 ZRange = Annotated[Optional[str], typer.Option("--z", help="Section range A:B (B excluded); overrides the config's sections.")]
@@ -73,6 +74,30 @@ def plan(
         typer.echo(f"  {kind}: {count}")
 
 
+def refuse_black_block_starts(plan: Plan) -> None:
+    """Before any step runs: every block's first section must hold tissue (its copy step checks it again).
+
+    A section whose chunks are missing is left to the first step that reads it, which names the chunk.
+    """
+    from .errors import LayerError
+    from .geometry import BBox
+    from .steps.copy import empty_sections, refuse_empty_sections
+    from .volumes import LayerKind, open_layer
+
+    if not plan.blocks:
+        return
+    src = open_layer(plan.config.source, LayerKind.IMAGE, fill_missing=plan.config.fill_missing, role="source")
+    x0, y0, x1, y1 = plan.config.bbox or (*src.bounds(0).start[:2], *src.bounds(0).stop[:2])
+    empty: list[int] = []
+    for block in plan.blocks:
+        try:
+            empty += empty_sections(src, BBox((x0, y0, block.start), (x1, y1, block.start + 1), 0))
+        except LayerError:
+            continue
+    if empty:
+        refuse_empty_sections(src, BBox((x0, y0, 0), (x1, y1, 1), 0), "start a block", empty)
+
+
 @app.command()
 def align(
     config: ConfigArg,
@@ -87,6 +112,7 @@ def align(
     from .plan import build_plan
 
     built = build_plan(load_project(config, z))
+    refuse_black_block_starts(built)
     summary = execute(built, workers=workers, force=force)
     typer.echo(f"steps run: {len(summary.ran)}, skipped (already done): {len(summary.skipped)}, failed: "
                f"{len(summary.failed)}, not started: {summary.not_started}, {summary.seconds:.1f} s")

@@ -17,7 +17,7 @@ from .errors import InputError
 from .estimators.spec import PRESETS, StagesSpec, parse_stages, preset
 
 Granularity = Literal["stage", "section"]
-Fuse = Literal["none", "section", "block"]
+Fuse = Literal["none", "pairs", "section", "block"]
 
 
 class _Strict(BaseModel):
@@ -87,8 +87,9 @@ class ProjectConfig(_Strict):
     pad: int = Field(64, ge=0, description="context pixels per side of each field chunk, at each stage's MIP")
     batch: int = Field(1, ge=1, le=256, description="field chunks per estimator call (compute_field --batch): 4-16 fill a GPU")
     granularity: Granularity = Field("section", description="one compute_field step per MIP stage ('stage') or all stages in one ('section')")
-    fuse: Fuse = Field("none", description="Airflow tasks: one per step ('none'), a section's chain and its final steps "
-                                           "('section'), or a block's ('block'): fewer process and pod starts")
+    fuse: Fuse = Field("pairs", description="Airflow tasks: one per step ('none'); a vote with its block render, a compose "
+                                            "with its final render, a block's CPCs ('pairs'); a section's chain and its "
+                                            "final steps ('section'), or a block's ('block'): fewer process and pod starts")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     fill_missing: bool = Field(False, description="treat missing source chunks as black instead of failing")
     resources: Resources = Field(default_factory=Resources)
@@ -215,7 +216,7 @@ cpc: {{mip: 1, patch: 32}}               # quality map: correlation of z with z-
 pad: 64                                # field context px per chunk side
 batch: 1                               # field chunks per estimator call; 4-16 on a GPU
 granularity: section                   # section: one compute_field per target; stage: one per MIP stage
-fuse: none                             # Airflow tasks: none (one per step), section or block (steps fused: fewer task starts)
+fuse: pairs                            # Airflow tasks: none (one per step), pairs, section or block (fewer task starts)
 device: cpu                            # cpu, cuda, auto
 resources: {{gpu: 1, cpu: "4", memory: 16Gi}}  # per pod on Kubernetes
 """

@@ -34,7 +34,7 @@ def config(**overrides):
     return parse_config(base)
 
 
-@pytest.mark.parametrize("fuse", ["none", "section", "block"])
+@pytest.mark.parametrize("fuse", ["none", "pairs", "section", "block"])
 @pytest.mark.parametrize("extra", [{}, {"bad_sections": [10, 13]}, {"sections": {"start": 0, "stop": 2}},
                                    {"granularity": "stage", "stages": "exact"}, {"blocks": {"size": 4, "decay_dist": 6}}])
 def test_tasks_cover_every_step_once_in_a_valid_order(fuse, extra) -> None:
@@ -88,6 +88,32 @@ def test_section_fusion_two_tasks_per_section() -> None:
     assert not any(d.endswith(".final") for d in by_id["z12.final"].deps)  # finals stay parallel
     assert {t.id for t in plan.tasks if t.kind == "cpc"} == {"b000.cpc", "b001.cpc", "b002.cpc"}
     assert len(plan.tasks) < len(plan.steps) / 3
+
+
+def test_pair_fusion_joins_only_steps_that_run_back_to_back() -> None:
+    """The default: nothing on a chain waits longer than with a task per step; 5.2 tasks a section, not 8.7."""
+    plan = build_plan(config(stages="exact"))
+    assert plan.config.fuse == "pairs"
+    by_id = plan.task_by_id
+    assert by_id["z13.vote"].steps == ("z13.vote", "b001.z13.render")
+    assert by_id["z13.vote"].label == "z=13 mip=0 vote + block_render" and by_id["z13.vote"].gpu
+    assert by_id["z13.compose"].steps == ("z13.compose", "z13.render")
+    for rank in (1, 2, 3):  # the k compute_fields of a section stay apart: they run side by side
+        assert by_id[f"z13.t{rank}.compute_field"].steps == (f"z13.t{rank}.compute_field",)
+    assert by_id["z13.t1.compute_field"].deps == ("z12.vote",)  # z12's vote task renders z12 into the block
+    assert by_id["z13.t3.compute_field"].deps == ("b001.z10.start",)  # the block's start: a copy, its own task
+    cpc = by_id["b001.cpc"]
+    assert cpc.steps == tuple(f"z{z}.{kind}" for z in range(11, 21) for kind in ("cpc", "cpc_source"))
+    assert cpc.deps == tuple(sorted(f"z{z}.compose" for z in range(10, 21))) and not cpc.gpu
+    # per step: the tasks it waits on are exactly the tasks of the steps it waits on (no extra waiting)
+    task_of = {s: t.id for t in plan.tasks for s in t.steps}
+    for task in plan.tasks:
+        assert set(task.deps) == {task_of[d] for s in task.steps for d in plan.by_id[s].deps} - {task.id}
+    for step in plan.steps:  # every follower in a pair waits on its leader alone
+        if task_of[step.id] != step.id and step.kind in ("block_render", "render"):
+            assert step.deps == (task_of[step.id],)
+    big = build_plan(config(stages="exact", sections={"start": 0, "stop": 1000}))
+    assert len(big.tasks) == 4895 and len(big.steps) == 8692
 
 
 def test_a_7000_section_plan_fuses_into_a_few_thousand_tasks() -> None:

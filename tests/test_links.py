@@ -39,7 +39,7 @@ from seamless_core.neuroglancer import VIEWER, link_state
 ROOT = Path(__file__).resolve().parents[1]
 BBOX = [1024, 2048, 5120, 4096]
 PROJECT = {"source": "gs://lab/em", "destination": "gs://lab/aligned", "bbox": BBOX,
-           "sections": {"start": 0, "stop": 14}, "blocks": {"size": 5}}
+           "sections": {"start": 0, "stop": 14}, "blocks": {"size": 5}, "fuse": "none"}
 POOLS = {"default_pool", "seamless_gpu"}
 
 

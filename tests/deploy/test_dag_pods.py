@@ -43,6 +43,7 @@ VALUE_SETS = {"defaults": {}, "gke-example": values_file("values-gke.yaml"), "ek
 PROJECT = {
     "source": "gs://lab/em", "destination": "gs://lab/aligned", "mask": "gs://lab/defects",
     "bbox": [1024, 2048, 5120, 4096], "sections": {"start": 0, "stop": 14}, "blocks": {"size": 5, "decay_dist": 8},
+    "fuse": "none",  # a pod per step: every step kind's pod is built and checked
 }
 RUN_CONF = {"destination": "gs://lab/rerun", "chunk": 512, "device": "cuda"}  # what a trigger form may change
 KINDS = {"block_start", "compute_field", "vote", "block_render", "stitch", "compose", "render", "cpc", "cpc_source"}

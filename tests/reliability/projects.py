@@ -25,6 +25,7 @@ blocks: {{size: 3, decay_dist: 1000}}
 vote: {{k: 3}}
 render: {{mip: 0, chunk: 128}}
 cpc: {{mip: 1, patch: 16}}
+fuse: none
 """
 
 

@@ -45,6 +45,7 @@ stages: serial
 pad: 16
 blocks: {{size: 2, decay_dist: 1000}}
 cpc: {{mip: 1, patch: 16}}
+fuse: none
 """
 KILLED = "z1.render"  # block 1's final render of section 1: 4 chunks at MIP 0 then its pyramid
 KILL_AFTER_WRITES = 2

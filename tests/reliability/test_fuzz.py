@@ -73,7 +73,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     project = root / "project.yaml"
     project.write_text(yaml.safe_dump({"source": str(root / "src"), "destination": str(root / "out"),
                                        "sections": {"start": 0, "stop": SECTIONS}, "stages": "serial",
-                                       "blocks": {"size": 2}, "cpc": {"mip": 1, "patch": 8}}))
+                                       "blocks": {"size": 2}, "cpc": {"mip": 1, "patch": 8}, "fuse": "none"}))
     (root / "scratch").mkdir()
     return {"root": root, "src": root / "src", "field": root / "field", "project": project,
             "scratch": root / "scratch"}

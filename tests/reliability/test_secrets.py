@@ -57,6 +57,7 @@ stages: serial
 pad: 16
 blocks: {{size: 2, decay_dist: 100}}
 cpc: {{mip: 1, patch: 16}}
+fuse: none
 """
 # Loaded by every Python process of the run (PYTHONPATH); records only in `seamless` processes.
 AUDIT = '''
@@ -103,7 +104,8 @@ if _LOG:
 '''
 KINDS = {"block_start", "compute_field", "vote", "block_render", "stitch", "compose", "render", "cpc", "cpc_source"}
 POD_PROJECT = {"source": "gs://lab/em", "destination": "gs://lab/aligned", "mask": "gs://lab/defects",
-               "bbox": [1024, 2048, 5120, 4096], "sections": {"start": 0, "stop": 14}, "blocks": {"size": 5, "decay_dist": 8}}
+               "bbox": [1024, 2048, 5120, 4096], "sections": {"start": 0, "stop": 14}, "blocks": {"size": 5, "decay_dist": 8},
+               "fuse": "none"}
 
 
 class Secrets:
