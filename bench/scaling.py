@@ -78,7 +78,7 @@ def main() -> None:
 
     n, s = args.sections, args.size
     mpx = s * s / 1e6  # MIP-0 megapixels per section
-    counts = {f: plan_counts(n, f) for f in ("none", "section", "block")}
+    counts = {f: plan_counts(n, f) for f in ("none", "pairs", "section", "block")}
     kinds = counts["none"][0]
     per_section = {k: v / n for k, v in kinds.items()}
 
@@ -136,7 +136,7 @@ def main() -> None:
         p = parse[1000]["fuse"]
         lines += ["", "Measured parse time at 1,000 sections: " + "; ".join(
             f"fuse {f}: {v['tasks']:,} tasks in {v['warm_s']:.2f} s warm, {v['cold_s']:.2f} s fresh" for f, v in p.items())
-            + " (`bench/dag_parse.py --fuse none,block`)."]
+            + " (`bench/dag_parse.py --fuse pairs,none`)."]
     lines += ["", "Steps per section (none): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_section.items())) + "."]
 
     lines += ["", "## Compute: GPU-hours and dollars", "",
@@ -171,9 +171,10 @@ def main() -> None:
         f"| Airflow DAG size, fuse none | {counts['none'][2]:,} tasks in one DAG | parse {parse.get(n, {}).get('fuse', {}).get('none', {}).get('warm_s', float('nan')):.1f} s "
         "measured (limit: `dagbag_import_timeout`, 30 s by default); the grid view and the serialized DAG grow with it | "
         "works, but the UI is unusable and every task start pays a parse of the whole plan: use fuse block |",
-        f"| task starts | {counts['none'][2]:,} (none) / {counts['block'][2]:,} (block) starts at {per_task:.1f} s each "
+        f"| task starts | {counts['none'][2]:,} (none) / {counts['pairs'][2]:,} (pairs) / {counts['block'][2]:,} (block) starts at {per_task:.1f} s each "
         f"(local twin, measured) or ~{args.pod_start:.0f} s per pod (*assumed*: scheduling + container start, image cached) | "
-        f"{fmt(counts['none'][2] * args.pod_start / 3600)} / {fmt(counts['block'][2] * args.pod_start / 3600)} pod-hours of starting | "
+        f"{fmt(counts['none'][2] * args.pod_start / 3600)} / {fmt(counts['pairs'][2] * args.pod_start / 3600)} / "
+        f"{fmt(counts['block'][2] * args.pod_start / 3600)} pod-hours of starting | "
         "negligible next to the GPU-hours at this section size; dominant on small sections (the sample) |",
         f"| storage writes during a final render | {objects0:,} MIP-0 objects per section ({args.storage_chunk}² chunks) "
         f"+ pyramid in {render_s:.0f} s on an H100 = {render_writes_per_gpu:,.0f} writes/s per GPU | GCS: ~{GCS_WRITES:,} "
@@ -188,7 +189,9 @@ def main() -> None:
         "request rate inside what the bucket sustains. Airflow is not the wall once steps are fused: with fuse "
         f"block a {n:,}-section run is {counts['block'][2]:,} tasks, a {fmt(counts['block'][2] / ti_s / 60)}-minute "
         "scheduling load even at the sandbox's measured rate; with one task per step it is "
-        f"{counts['none'][2]:,} tasks, beyond what a single DAG run should hold comfortably (a few thousand).", ""]
+        f"{counts['none'][2]:,} tasks (the default pairs: {counts['pairs'][2]:,}), beyond what a single DAG run "
+        "should hold comfortably (a few thousand): split the range into section-block backfill runs "
+        "(`seamless_align_blocks`, docs/backfill.md: one run per block of sections) or fuse.", ""]
 
     lines += ["## The measured inputs", "",
               "| figure | value | from |", "|---|---|---|",
@@ -214,7 +217,9 @@ the default stages, k = 3, blocks of 10. Every figure scales linearly: sections 
 compute, sections for tasks.
 
 How the DAG granularity keeps such a run within Airflow's comfortable limits: the project key `fuse`
-(docs/dags.md). `none` makes one Airflow task (one pod) per step, ~8.7 per section; `block` makes three
+(docs/dags.md). `none` makes one Airflow task (one pod) per step, ~8.7 per section; `pairs` (the default)
+joins only steps that run back to back anyway (a vote and its block render, a compose and its final
+render, a block's CPC maps), ~4.9 per section with nothing on a chain waiting longer; `block` makes three
 per block of 10 sections (its serial chain, its final steps, one CPC), ~0.3 per section, without
 serialising anything that could run in parallel. For large sections a step runs for many minutes and
 one task per step costs little in starts, but the run's task count, not its work, is then what strains

@@ -32,6 +32,9 @@ def environment(work: Path, port: int, project: Path) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),  # registers the section-block timetable
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # a laptop: at most 4 tasks at once (each a task runner plus a `python -m seamless_core` child with torch,
+        # ~0.5 GiB together), so the whole tree stays under 4 GB; Airflow's default, 32, does not (docs/dags.md)
+        "AIRFLOW__CORE__PARALLELISM": os.environ.get("AIRFLOW__CORE__PARALLELISM", "4"),
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
         "SEAMLESS_EXECUTOR": "local",

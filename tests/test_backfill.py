@@ -368,13 +368,16 @@ def test_section_range_backfill_through_the_real_scheduler(tmp_path: Path) -> No
         assert keys == [(r.key, "backfill") for r in runs.runs]  # one run per block, labelled by its sections
         assert all(r["run_id"].startswith("backfill__sections_") for r in listed)
         # a run's stitch waited for the previous block's vote of their shared section, its composes for the
-        # earlier stitches: task times across runs (the wait.* sensors held them until the markers were done)
-        times = {(key, task): (start, end) for key, task, start, end in _query(
+        # earlier stitches: the wait.* sensors held them until those steps' markers were written. With the
+        # default fuse (pairs) the vote shares a task with its block render, so the marker, not the task's
+        # end, is what the stitch waits for: compare the stitch's start with the marker file's mtime.
+        times = {(key, task): (_utc_seconds(start), _utc_seconds(end)) for key, task, start, end in _query(
             db, "select r.partition_key, t.task_id, t.start_date, t.end_date from task_instance t join dag_run r "
             "on t.run_id = r.run_id and t.dag_id = r.dag_id where t.dag_id = ? and t.state = 'success'", DAG_ID)}
+        steps = tmp_path / "airflow" / ".seamless" / "steps"
         for previous, run in zip(runs.runs, runs.runs[1:]):
-            shared_vote = runs.template_id(runs.plan.by_id[f"z{run.first - 1}.vote"])  # of section s_b
-            assert times[(run.key, "stitch")][0] >= times[(previous.key, shared_vote)][1], (run.key, shared_vote)
+            vote_done = (steps / f"z{run.first - 1}.vote.json").stat().st_mtime  # of section s_b
+            assert times[(run.key, "stitch")][0] >= vote_done, (run.key, times[(run.key, "stitch")], vote_done)
         assert times[(runs.runs[2].key, "p1.compose")][0] >= times[(runs.runs[1].key, "stitch")][1]
 
         region = BBox((0, 0, 0), (SIZE, SIZE, SECTIONS))
@@ -424,6 +427,13 @@ def _dry_run(port: int, home: Path, body: dict) -> list[str]:
 
     token = post("/auth/token", {"username": "admin", "password": password})["access_token"]
     return [b["partition_key"] for b in post("/api/v2/backfills/dry_run", body, token)["backfills"]]
+
+
+def _utc_seconds(stamp: str) -> float:
+    """Airflow's metadata DB keeps naive UTC timestamps: seconds since the epoch, to compare with mtimes."""
+    from datetime import datetime, timezone
+
+    return datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
 
 
 def _query(db: Path, sql: str, *args: object) -> list[tuple]:

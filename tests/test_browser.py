@@ -1,12 +1,13 @@
 """The browser test: the embedded default's Airflow UI driven by Chromium, as a user would use it.
 
 Starts `airflow standalone` the way scripts/embedded.py does (SQLite, LocalExecutor, dags/ and plugins/,
-the local twin, the pool seamless_gpu with 2 slots) on a 2-section project (9 tasks), then in headless
+the local twin, the pool seamless_gpu with 2 slots) on a 2-section project (6 tasks with the default fuse: pairs), then in headless
 Chromium (Debian's `chromium`, driven by Playwright): logs in as `admin` with the password Airflow wrote
 under AIRFLOW_HOME (simple auth manager), opens the seamless_align DAG, opens the Trigger form, fills the
 section range Params (First section, Stop section) and a run id, triggers (the form unpauses the DAG),
 waits for the run to succeed (REST API), finds the run in the DAG's run list, opens it, opens the task
-`z=1 mip=0 render` from the run's task instances and checks that its log shows the step's progress lines
+that runs section 1's final render (`z=1 mip=2 compose + render`: the compose and its render share a
+task under the default fuse; its label is read from the plan) from the run's task instances and checks that its log shows the step's progress lines
 (`render: 1/1 chunks (100%), … chunks/s, … Mpx/s, ETA …` per chunk, then `render: done, …`;
 seamless_core/progress.py, one line per chunk here since SEAMLESS_PROGRESS_INTERVAL=0).
 
@@ -39,12 +40,15 @@ from pathlib import Path
 
 import pytest
 
+from seamless_core.block_runs import load_project
+from seamless_core.plan import build_plan
+
 pytest.importorskip("airflow.sdk", reason="needs the airflow extra (scripts/test.sh installs it)")
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "seamless_align"
 SECTIONS, SIZE = 2, 256
-TASK_ID, TASK_LABEL = "z1.render", "z=1 mip=0 render"  # the final render of section 1: render + downsample
+RENDER_STEP = "z1.render"  # the final render of section 1: render + downsample; its task is looked up in the plan
 PROGRESS = re.compile(r"render: \d+/\d+ chunks \(\d+%\), [\d.]+ chunks/s, [\d.]+ Mpx/s, ETA \d+:\d\d:\d\d")
 DONE = re.compile(r"render: done, \d+ chunks, [\d.]+ Mpx in [\d.]+ s")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -155,6 +159,7 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
     stack = deformed_stack(tmp_path, list(range(SECTIONS)), SIZE, max_translation=4.0, cracked=(), debris=())
     project = tmp_path / "project.yaml"
     project.write_text(PROJECT.format(source=stack.path, destination=tmp_path / "out", stop=SECTIONS))
+    render_task = next(t for t in build_plan(load_project(project)).tasks if RENDER_STEP in t.steps)
     embedded = _embedded()
     port = _free_port()
     base = f"http://localhost:{port}"
@@ -229,8 +234,8 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 page.screenshot(path=shots / "03-run-list.png")
                 row.get_by_role("link", name=run_id, exact=True).click()
                 page.wait_for_url(f"**/dags/{DAG_ID}/runs/{run_id}")
-                page.get_by_role("link", name=TASK_LABEL, exact=True).click()
-                page.wait_for_url(f"**/runs/{run_id}/tasks/{TASK_ID}")
+                page.get_by_role("link", name=render_task.label, exact=True).click()
+                page.wait_for_url(f"**/runs/{run_id}/tasks/{render_task.id}")
                 logs = page.get_by_test_id("virtualized-list")
                 expect(logs).to_contain_text(PROGRESS)
                 expect(logs).to_contain_text(DONE)
