@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,13 @@ def largest_chunk(a: float, b: float, budget_mib: float, storage: int = 256) -> 
     return edge // storage * storage
 
 
+def free_port() -> int:
+    """A port nobody listens on (not 8793: Airflow's log server takes that one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def embedded_peak(work: Path, sections: int, fuse: str, port: int) -> dict:
     """Run scripts/embedded.py --exit-after on the sample; sample the process tree's summed RSS."""
     demo = work / "demo"
@@ -153,21 +161,40 @@ def embedded_peak(work: Path, sections: int, fuse: str, port: int) -> dict:
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "embedded.py"), "--work", str(work), "--project",
                              str(project), "--port", str(port), "--exit-after", "--timeout", "3000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    peak, peak_rss, peak_at, processes, started = 0, 0, 0.0, 0, time.monotonic()
+    peak, peak_rss, peak_at, processes, started = 0, 0, 0.0, [], time.monotonic()
     while proc.poll() is None:
-        pss, rss, count = tree_memory_kib(proc.pid)
+        pss, rss, members = tree_memory_kib(proc.pid)
         peak_rss = max(peak_rss, rss)
         if pss > peak:
-            peak, peak_at, processes = pss, time.monotonic() - started, count
+            peak, peak_at, processes = pss, time.monotonic() - started, members
         time.sleep(0.5)
     output = proc.stdout.read() if proc.stdout else ""
-    return {"code": proc.returncode, "peak_mib": peak / 1024, "peak_rss_sum_mib": peak_rss / 1024, "processes": processes,
-            "peak_at_s": peak_at, "wall_s": time.monotonic() - started, "fuse": fuse,
+    return {"code": proc.returncode, "peak_mib": peak / 1024, "peak_rss_sum_mib": peak_rss / 1024, "processes": len(processes),
+            "by_role_mib": by_role(processes), "peak_at_s": peak_at, "wall_s": time.monotonic() - started, "fuse": fuse,
             "parallelism": os.environ.get("AIRFLOW__CORE__PARALLELISM", "4 (scripts/embedded.py)"), "tail": output[-1500:]}
 
 
-def tree_memory_kib(root_pid: int) -> tuple[int, int, int]:
-    """(PSS, RSS, processes) summed over the tree: PSS counts shared pages once (what the machine must hold)."""
+def by_role(members: list[tuple[str, int]]) -> dict[str, float]:
+    """PSS MiB per kind of process at the peak (api-server, scheduler, task runners, step children...)."""
+    roles: dict[str, float] = {}
+    for command, pss in members:
+        roles[role(command)] = roles.get(role(command), 0.0) + pss / 1024
+    return dict(sorted(roles.items(), key=lambda item: -item[1]))
+
+
+def role(command: str) -> str:
+    for needle, name in (("seamless_core", "step child (python -m seamless_core)"), ("api-server", "api-server"),
+                         ("api_server", "api-server"), ("dag-processor", "dag-processor"), ("dag_processor", "dag-processor"),
+                         ("triggerer", "triggerer"), ("scheduler", "scheduler"), ("serve-logs", "log servers"),
+                         ("airflow worker", "executor workers and task runners"),
+                         ("standalone", "standalone"), ("embedded.py", "scripts/embedded.py")):
+        if needle in command:
+            return name
+    return command.split(" ")[0].rsplit("/", 1)[-1][:40] or "other"
+
+
+def tree_memory_kib(root_pid: int) -> tuple[int, int, list[tuple[str, int]]]:
+    """(PSS, RSS, [(command, PSS)]) over the tree: PSS counts shared pages once (what the machine must hold)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -177,19 +204,23 @@ def tree_memory_kib(root_pid: int) -> tuple[int, int, int]:
                 children.setdefault(ppid, []).append(int(entry))
             except OSError:
                 continue
-    pss = rss = count = 0
+    pss = rss = 0
+    members: list[tuple[str, int]] = []
     stack = [root_pid]
     while stack:
         pid = stack.pop()
         try:
             rss += status_kib("VmRSS", str(pid))
             with open(f"/proc/{pid}/smaps_rollup") as fh:
-                pss += next((int(line.split()[1]) for line in fh if line.startswith("Pss:")), 0)
-            count += 1
+                own = next((int(line.split()[1]) for line in fh if line.startswith("Pss:")), 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                command = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            pss += own
+            members.append((command, own))
         except (OSError, StopIteration):
             pass
         stack += children.get(pid, [])
-    return pss, rss, count
+    return pss, rss, members
 
 
 def main() -> None:
@@ -202,7 +233,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--embedded", action="store_true", help="also the embedded default's peak RSS on the sample")
     parser.add_argument("--sections", type=int, default=30, help="sections of the sample for --embedded")
-    parser.add_argument("--port", type=int, default=8793)
+    parser.add_argument("--port", type=int, default=0, help="API port of the embedded Airflow (0: a free one)")
     parser.add_argument("--fuse", default="block", help="fuse of the --embedded project (the example project's: block)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -220,7 +251,7 @@ def main() -> None:
                 print(f"{name} chunk {chunk}: floor {figures['floor_mib']:.0f} MiB, peak {figures['peak_mib']:.0f} MiB"
                       + (f", GPU {figures['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in figures else "")
                       + f", {figures['seconds']:.1f} s, load {figures['load']:.1f}", flush=True)
-        embedded = embedded_peak(root / "embedded", args.sections, args.fuse, args.port) if args.embedded else None
+        embedded = embedded_peak(root / "embedded", args.sections, args.fuse, args.port or free_port()) if args.embedded else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if embedded is not None:
@@ -255,7 +286,8 @@ def embedded_text(args, embedded: dict) -> str:
             f"PSS counts each shared page once: what the machine must hold), {embedded['processes']} processes, at "
             f"{embedded['peak_at_s']:.0f} s of {embedded['wall_s']:.0f} s (exit code {embedded['code']}); summing each "
             f"process's RSS instead gives {embedded['peak_rss_sum_mib']:.0f} MiB (shared libraries counted once per "
-            f"process). Load average {embedded.get('load', float('nan')):.1f} at the end. Command: `.venv/bin/python "
+            f"process). At the peak, PSS by kind of process: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in
+            embedded.get("by_role_mib", {}).items()) + f". Load average {embedded.get('load', float('nan')):.1f} at the end. Command: `.venv/bin/python "
             f"bench/memory.py --chunks '' --embedded --out docs/benchmarks.md`.")
 
 

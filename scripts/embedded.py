@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,8 @@ def environment(work: Path, port: int, project: Path) -> dict[str, str]:
         # a laptop: at most 4 tasks at once (each a task runner plus a `python -m seamless_core` child with torch,
         # ~0.5 GiB together), so the whole tree stays under 4 GB; Airflow's default, 32, does not (docs/dags.md)
         "AIRFLOW__CORE__PARALLELISM": os.environ.get("AIRFLOW__CORE__PARALLELISM", "4"),
+        # one API worker (Airflow's default starts several, each a full copy of Airflow): one user on a laptop
+        "AIRFLOW__API__WORKERS": os.environ.get("AIRFLOW__API__WORKERS", "1"),
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
         "SEAMLESS_EXECUTOR": "local",
@@ -49,6 +52,18 @@ def airflow(env: dict[str, str], *args: str) -> str:
     if result.returncode != 0:
         raise SystemExit(f"`airflow {' '.join(args)}` failed:\n{result.stderr[-2000:]}")
     return result.stdout
+
+
+def refuse_busy_port(port: int) -> None:
+    """Airflow's api-server dies on a taken port long after start; say so before anything starts."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise SystemExit(f"port {port} is in use (another Airflow, or another service); pass --port N") from None
+    if port == 8793:
+        raise SystemExit("port 8793 is Airflow's own log server port; pass another --port")
 
 
 def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
@@ -89,6 +104,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run")
     parser.add_argument("--exit-after", action="store_true", help="stop Airflow once the run finished")
     args = parser.parse_args()
+    refuse_busy_port(args.port)
     work = args.work.resolve()
     (work / "airflow").mkdir(parents=True, exist_ok=True)
     env = environment(work, args.port, args.project.resolve())

@@ -2,7 +2,7 @@
 
 * vote: the Gaussian blur as shifted in-place sums instead of a grouped conv2d, |v| as hypot instead of
   .norm(dim=1), the subset means without an (S, N, 2, H, W) stack: same voted field and spread;
-* block matching: patches correlated in groups of PATCH_GROUP (bounded memory): same field and quality.
+* block matching: patches correlated in groups of PATCH_GROUP[device] (bounded memory): same field and quality.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def test_block_matching_in_patch_groups_gives_the_same_result(monkeypatch) -> No
     src = torch.roll(image, shifts=(3, -2), dims=(-2, -1))
     tgt = image[..., 16:144, 16:144].contiguous()
     pair = Pair(src=src, tgt=tgt, offset=(16, 16))
-    monkeypatch.setattr(block_matching, "PATCH_GROUP", 10**9)  # every patch at once
+    monkeypatch.setattr(block_matching, "PATCH_GROUP", {"cpu": 10**9})  # every patch at once
     whole, q_whole = BlockMatching(search_radius=8).match(pair, None)
-    monkeypatch.setattr(block_matching, "PATCH_GROUP", 40)  # 16 patches per row: 2 rows per group
+    monkeypatch.setattr(block_matching, "PATCH_GROUP", {"cpu": 40})  # 16 patches per row: 2 rows per group
     grouped, q_grouped = BlockMatching(search_radius=8).match(pair, None)
     assert torch.equal(whole, grouped)
     assert torch.equal(q_whole.accepted, q_grouped.accepted) and torch.equal(q_whole.peak, q_grouped.peak)

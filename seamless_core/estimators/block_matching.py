@@ -30,9 +30,12 @@ from .base import Pair
 
 __all__ = ["BlockMatching", "MatchQuality", "gaussian_blur", "masked_blur", "normalised_fill"]
 
-#: Patches correlated at once (bench/memory.py: ~1.4 MiB each with the default patch 32, radius 32): bounds
-#: the working memory of a chunk to ~1.5 GB whatever its size.
-PATCH_GROUP = 1024
+#: Patches correlated at once, per device type (~1.5 MiB of FFT buffers each at the default patch 32, radius
+#: 32): bounds a chunk's working memory whatever its size. On CPU small groups stay in cache: 64 patches
+#: took 2.75 s and 0.5 GB RSS for a 512² pair where 1024 took 12.2 s and 1.8 GB (2 threads, bench of
+#: 2026-12-06, docs/benchmarks.md); a GPU wants many patches per launch.
+PATCH_GROUP = {"cpu": 64}
+PATCH_GROUP_DEFAULT = 1024
 
 
 @dataclass
@@ -319,10 +322,10 @@ class BlockMatching:
         ty, cy, ny = _grid(h, p, s, device)
         tx, cx, nx = _grid(w, p, s, device)
         L = p + 2 * r
-        # Patch rows in groups of at most PATCH_GROUP patches: the float64 FFTs take ~1.4 MiB per patch at the
+        # Patch rows in groups of at most PATCH_GROUP[device] patches: the float64 FFTs take ~1.4 MiB per patch at the
         # default sizes, so a 1152² chunk at once (20,736 patches) would need ~29 GB; per group the memory is
         # bounded and every patch's result is the same (patches are independent).
-        rows_per_group = max(1, PATCH_GROUP // (nx * n))
+        rows_per_group = max(1, PATCH_GROUP.get(device.type, PATCH_GROUP_DEFAULT) // (nx * n))
         parts = []
         for first in range(0, ny, rows_per_group):
             rows = ty[first : first + rows_per_group]
