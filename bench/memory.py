@@ -178,7 +178,8 @@ def by_role(members: list[tuple[str, int]]) -> dict[str, float]:
     """PSS MiB per kind of process at the peak (api-server, scheduler, task runners, step children...)."""
     roles: dict[str, float] = {}
     for command, pss in members:
-        roles[role(command)] = roles.get(role(command), 0.0) + pss / 1024
+        name = role(command)
+        roles[name] = roles.get(name, 0.0) + pss / 1024
     return dict(sorted(roles.items(), key=lambda item: -item[1]))
 
 

@@ -32,8 +32,8 @@ __all__ = ["BlockMatching", "MatchQuality", "gaussian_blur", "masked_blur", "nor
 
 #: Patches correlated at once, per device type (~1.5 MiB of FFT buffers each at the default patch 32, radius
 #: 32): bounds a chunk's working memory whatever its size. On CPU small groups stay in cache: 64 patches
-#: took 2.75 s and 0.5 GB RSS for a 512² pair where 1024 took 12.2 s and 1.8 GB (2 threads, bench of
-#: 2026-12-06, docs/benchmarks.md); a GPU wants many patches per launch.
+#: took 2.75 s and 0.5 GB RSS for a 512² pair where 1024 took 12.2 s and 1.8 GB (2 threads, measured by hand
+#: on 2026-12-06; not yet a bench/ figure); a GPU wants many patches per launch.
 PATCH_GROUP = {"cpu": 64}
 PATCH_GROUP_DEFAULT = 1024
 
