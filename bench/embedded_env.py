@@ -11,6 +11,7 @@ embedded = importlib.util.module_from_spec(_spec)
 assert _spec.loader is not None
 _spec.loader.exec_module(embedded)
 wait_healthy = embedded.wait_healthy
+free_port = embedded.free_port
 
 
 def environment(work: Path, port: int, dags: Path | None = None, *, project: Path | None = None,

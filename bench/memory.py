@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -142,13 +141,6 @@ def largest_chunk(a: float, b: float, budget_mib: float, storage: int = 256) -> 
     return edge // storage * storage
 
 
-def free_port() -> int:
-    """A port nobody listens on (not 8793: Airflow's log server takes that one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def embedded_peak(work: Path, sections: int, fuse: str, port: int) -> dict:
     """Run scripts/embedded.py --exit-after on the sample; sample the process tree's summed RSS."""
     demo = work / "demo"
@@ -242,6 +234,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     started = time.monotonic()
     results: dict[str, list[tuple[int, dict]]] = {}
+    embedded = None
     try:
         paths = build(root, args.size)
         for chunk in chunks:
@@ -252,7 +245,10 @@ def main() -> None:
                 print(f"{name} chunk {chunk}: floor {figures['floor_mib']:.0f} MiB, peak {figures['peak_mib']:.0f} MiB"
                       + (f", GPU {figures['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in figures else "")
                       + f", {figures['seconds']:.1f} s, load {figures['load']:.1f}", flush=True)
-        embedded = embedded_peak(root / "embedded", args.sections, args.fuse, args.port or free_port()) if args.embedded else None
+        if args.embedded:
+            import embedded_env
+
+            embedded = embedded_peak(root / "embedded", args.sections, args.fuse, args.port or embedded_env.free_port())
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if embedded is not None:

@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -54,12 +53,6 @@ with DAG(dag_id="bench_noop", schedule=None, catchup=False, max_active_tasks={ac
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def query(db: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
         return conn.execute(sql).fetchall()
@@ -87,7 +80,7 @@ def main() -> None:
     dags = work / "dags"
     dags.mkdir()
     (dags / "bench_noop.py").write_text(DAG.format(layers=layers, width=args.width, active=max(16, args.parallelism)))
-    port = free_port()
+    port = embedded_env.free_port()
     env = embedded_env.environment(work, port, dags, parallelism=args.parallelism)
     home = Path(env["AIRFLOW_HOME"])
     home.mkdir(parents=True)

@@ -54,6 +54,14 @@ def airflow(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
+def free_port() -> int:
+    """A port nobody listens on now, for tests and benchmarks that start their own Airflow."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    return port if port != 8793 else free_port()  # 8793 is Airflow's own log server
+
+
 def refuse_busy_port(port: int) -> None:
     """Airflow's api-server dies on a taken port long after start; say so before anything starts."""
     with socket.socket() as probe:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -88,8 +89,21 @@ class _CorsHandler(SimpleHTTPRequestHandler):
         super().send_header(keyword, value)
 
 
+class _StoppableServer(ThreadingHTTPServer):
+    """A server that a SIGTERM or Ctrl-C stops even while it is accepting a connection.
+
+    socketserver reports any Exception raised while a request is handed to its thread and keeps
+    serving; a signal handler's exception raised on the main thread at that moment would be swallowed.
+    """
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if threading.current_thread() is threading.main_thread():
+            raise  # a signal (or a failure to start a thread) on the serving thread: stop, do not log and go on
+        super().handle_error(request, client_address)
+
+
 def serve(root: str, port: int = DEFAULT_PORT) -> None:
     """Serve `root` on 127.0.0.1:`port` for Neuroglancer until interrupted."""
     handler = functools.partial(_CorsHandler, directory=os.path.abspath(root))
-    with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+    with _StoppableServer(("127.0.0.1", port), handler) as server:
         server.serve_forever()

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -286,12 +285,6 @@ def _embedded():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def _json_rows(text: str) -> list[dict]:
     lines = [line for line in text.splitlines() if line.startswith("[{") or line.strip() == "[]"]
     return json.loads(lines[-1]) if lines else []  # the CLI prints log notices on stdout too
@@ -316,7 +309,7 @@ def test_section_range_backfill_through_the_real_scheduler(tmp_path: Path) -> No
     assert len(runs.runs) == 3
 
     embedded = _embedded()
-    port = _free_port()
+    port = embedded.free_port()
     env = embedded.environment(tmp_path / "work", port, airflow_project)
     env.update({"SEAMLESS_WAIT_POKE": "10", "SEAMLESS_WAIT_TIMEOUT": "600",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2"})

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -103,12 +102,6 @@ def _embedded():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 class Api:
     """Airflow's REST API as user admin (a JWT from /auth/token): only to wait for the run and read it."""
 
@@ -161,7 +154,7 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
     project.write_text(PROJECT.format(source=stack.path, destination=tmp_path / "out", stop=SECTIONS))
     render_task = next(t for t in build_plan(load_project(project)).tasks if RENDER_STEP in t.steps)
     embedded = _embedded()
-    port = _free_port()
+    port = embedded.free_port()
     base = f"http://localhost:{port}"
     env = embedded.environment(tmp_path / "work", port, project)
     env.update({"SEAMLESS_PROGRESS_INTERVAL": "0",  # a progress line per chunk: what the test looks for

@@ -173,3 +173,34 @@ def test_sigterm_from_a_preempted_pod_exits_130(tmp_path: Path) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == ExitCode.INTERRUPTED
     assert "stopped by SIGTERM" in err and "Traceback" not in err
+
+
+def test_serve_stops_on_a_signal_that_lands_while_a_connection_is_handed_off() -> None:
+    """socketserver logs and swallows an Exception raised while the main thread hands a request to its
+    thread; a SIGTERM landing there (CI hit it once) must still stop `seamless serve`, not be logged."""
+    import threading
+
+    from seamless_core.errors import Interrupted
+    from seamless_core.neuroglancer import _StoppableServer
+
+    with _StoppableServer(("127.0.0.1", 0), object) as server:  # type: ignore[arg-type]
+        with pytest.raises(Interrupted):
+            try:
+                raise Interrupted("stopped by SIGTERM")
+            except Exception:
+                server.handle_error(None, ("127.0.0.1", 1))
+        errors: list[BaseException] = []
+
+        def in_a_request_thread() -> None:  # a handler's own failure is logged and serving goes on
+            try:
+                try:
+                    raise ConnectionResetError("peer went away")
+                except Exception:
+                    server.handle_error(None, ("127.0.0.1", 1))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        worker = threading.Thread(target=in_a_request_thread)
+        worker.start()
+        worker.join()
+        assert errors == []
