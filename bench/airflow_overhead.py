@@ -7,8 +7,10 @@ k = 3, blocks of 10). It is aligned
 * by `seamless align --workers 1` (the local executor: one warm worker, torch imported once), for
   reference;
 * by `airflow dags test seamless_align` with the local twin (SEAMLESS_EXECUTOR=local), once per `fuse`
-  value (none: a task per step; section; block). `dags test` runs the tasks one after another through
-  Airflow's task runner, each as a `python -m seamless_core` child, so
+  value (none: a task per step; pairs; block) with the warm step server (the default: each step a fork
+  of a process that imported torch once), and for the `--cold` fuse values once more with a fresh
+  `python -m seamless_core` child per task (SEAMLESS_WARM=0). `dags test` runs the tasks one after
+  another through Airflow's task runner, so
   **Airflow share = 1 - step work / wall time** (step work: the sum of the markers' seconds of that very
   run) is the share of wall time that is not the steps' work: Airflow's task handling (its metadata DB,
   the task runner), the child's interpreter start and its imports (torch, cloudvolume), the DAG parse of
@@ -19,7 +21,7 @@ within one run, so a change of the machine's load between runs moves it little. 
 own latency per task on top (bench/scheduler_throughput.py measures it). Every figure is printed with
 the load average of the machine at that moment.
 
-Run: .venv/bin/python bench/airflow_overhead.py [--sections 30] [--fuse none,section,block] [--out docs/benchmarks.md]
+Run: .venv/bin/python bench/airflow_overhead.py [--sections 30] [--fuse none,pairs,block] [--cold block] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -122,10 +124,12 @@ def airflow_env(work: Path, path: Path) -> dict[str, str]:
             "PYTHONPATH": str(ROOT)}
 
 
-def run_dags_test(work: Path, source: str, sections: int, fuse: str) -> dict:
-    name = f"airflow_{fuse}"
+def run_dags_test(work: Path, source: str, sections: int, fuse: str, warm_dir: Path | None) -> dict:
+    """One `dags test` run; warm_dir: the warm step server's folder, None for a subprocess per task."""
+    name = f"airflow_{fuse}" + ("" if warm_dir else "_cold")
     path = project(work, name, source, sections, fuse)
     env = airflow_env(work, path)
+    env.update({"SEAMLESS_WARM_DIR": str(warm_dir)} if warm_dir else {"SEAMLESS_WARM": "0"})
     if not (work / "airflow" / "airflow.db").exists():
         subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True, text=True)
         subprocess.run(["airflow", "pools", "set", "seamless_gpu", "2", "GPU steps"], env=env, check=True,
@@ -141,9 +145,23 @@ def run_dags_test(work: Path, source: str, sections: int, fuse: str) -> dict:
     if result.returncode != 0 or len(seconds) != steps:
         raise SystemExit(f"airflow dags test ({fuse}) failed: {len(seconds)}/{steps} steps done\n"
                          f"{(result.stdout + result.stderr)[-3000:]}")
-    return {"runner": "airflow dags test, local twin", "fuse": fuse, "steps": steps, "tasks": tasks, "wall": wall,
+    runner = "local twin, warm step server" if warm_dir else "local twin, a subprocess per task (SEAMLESS_WARM=0)"
+    return {"runner": f"airflow dags test, {runner}", "fuse": fuse, "steps": steps, "tasks": tasks, "wall": wall,
             "marker_sum": sum(seconds.values()), "per_step": seconds, "load": (before + load()) / 2,
             "head": first - epoch, "tail": epoch + wall - last, "between": last - first}
+
+
+def stop_warm_server(folder: Path) -> None:
+    import signal
+
+    for lock in folder.glob("*.lock"):
+        text = lock.read_text().strip()
+        if text.isdigit():
+            try:
+                os.kill(int(text), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def process_start(work: Path, source: str, repeats: int = 3) -> float:
@@ -160,13 +178,15 @@ def process_start(work: Path, source: str, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=30)
-    parser.add_argument("--fuse", default="none,section,block")
+    parser.add_argument("--fuse", default="none,pairs,block")
+    parser.add_argument("--cold", default="block", help="fuse values also run with a subprocess per task ('' for none)")
     parser.add_argument("--work", type=Path, help="keep the layers here (default: a temporary folder, deleted)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="airflow-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    warm_dir = Path(tempfile.mkdtemp(prefix="aw-", dir="/tmp"))  # this benchmark's own warm step server
     try:
         source = build_sample(work, args.sections)
         start_cost = process_start(work, source)
@@ -174,12 +194,16 @@ def main() -> None:
         align = run_align(work, source, args.sections, 1)
         print(f"align: {align['wall']:.1f} s, step work {align['marker_sum']:.1f} s, load {align['load']:.1f}", flush=True)
         runs = []
-        for fuse in args.fuse.split(","):
-            runs.append(run_dags_test(work, source, args.sections, fuse))
+        plan = [(fuse, warm_dir) for fuse in args.fuse.split(",") if fuse]
+        plan += [(fuse, None) for fuse in args.cold.split(",") if fuse]
+        for fuse, warm in plan:
+            runs.append(run_dags_test(work, source, args.sections, fuse, warm))
             r = runs[-1]
-            print(f"dags test fuse={fuse}: {r['tasks']} tasks, {r['wall']:.1f} s, load {r['load']:.1f}", flush=True)
+            print(f"dags test fuse={fuse} ({r['runner']}): {r['tasks']} tasks, {r['wall']:.1f} s, load {r['load']:.1f}",
+                  flush=True)
         text = render(args, align, runs, start_cost, start_load, time.monotonic() - started)
     finally:
+        stop_warm_server(warm_dir)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(text)
@@ -233,16 +257,19 @@ def render(args, align: dict, runs: list[dict], start_cost: float, start_load: f
         f"A bare child importing what a step imports (`python -c 'import seamless_core.cli, seamless_core.markers, "
         f"seamless_core.volumes, torch'`) takes {start_cost:.2f} s here (best of 3, load {start_load:.1f}).",
     ]
-    fitted = fit(runs)
+    fitted = fit([r for r in runs if "warm" in r["runner"]])
     if fitted is not None:
         fixed, per_task = fitted
-        lines += ["", f"Fit over the `dags test` runs: wall - step work = {fixed:.1f} s + {per_task:.2f} s per task "
+        lines += ["", f"Fit over the warm `dags test` runs: wall - step work = {fixed:.1f} s + {per_task:.2f} s per task "
                   "(the fixed part is the `dags test` command: Airflow's imports, the DAG parse, the run's creation)."]
     best = min(runs, key=lambda r: 1 - r["marker_sum"] / r["wall"]) if runs else None
+    lines += ["", "With the warm step server (the local twin's default, docs/dags.md) a task's step is a fork of a "
+              "process that imported torch and the steps once; the first task of the first run also starts the "
+              "server (its imports). `SEAMLESS_WARM=0` runs each step as a fresh `python -m seamless_core` child."]
     if best is not None:
         lines += ["", f"Lowest Airflow share: fuse `{best['fuse']}`, {1 - best['marker_sum'] / best['wall']:.0%} of wall "
                   f"time ({best['tasks']} tasks). Benchmark wall time {total:.0f} s. Command: `.venv/bin/python "
-                  f"bench/airflow_overhead.py --sections {args.sections} --fuse {args.fuse} --out docs/benchmarks.md`."]
+                  f"bench/airflow_overhead.py --sections {args.sections} --fuse {args.fuse} --cold '{args.cold}' --out docs/benchmarks.md`."]
     return "\n".join(lines)
 
 

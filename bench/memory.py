@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,17 +151,22 @@ def embedded_peak(work: Path, sections: int, fuse: str, port: int) -> dict:
     project.write_text(f"source: {demo / 'misaligned'}\ndestination: {work / 'aligned'}\nsections: {{start: 0, stop: "
                        f"{sections}}}\nstages: serial\nvote: {{k: 3}}\nblocks: {{size: 10, decay_dist: 100}}\n"
                        f"cpc: {{mip: 1, patch: 32}}\ndevice: cpu\nfuse: {fuse}\n")
+    warm = Path(tempfile.mkdtemp(prefix="bw-", dir="/tmp"))  # this run's own warm step server (a short socket path)
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "embedded.py"), "--work", str(work), "--project",
                              str(project), "--port", str(port), "--exit-after", "--timeout", "3000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "SEAMLESS_WARM_DIR": str(warm)})
     peak, peak_rss, peak_at, processes, started = 0, 0, 0.0, [], time.monotonic()
-    while proc.poll() is None:
-        pss, rss, members = tree_memory_kib(proc.pid)
+    while proc.poll() is None:  # the warm server left the tree (its own session, parent gone): counted too
+        pss, rss, members = tree_memory_kib([proc.pid, *pids_naming(str(warm))])
         peak_rss = max(peak_rss, rss)
         if pss > peak:
             peak, peak_at, processes = pss, time.monotonic() - started, members
         time.sleep(0.5)
     output = proc.stdout.read() if proc.stdout else ""
+    for pid in pids_naming(str(warm)):
+        os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(warm, ignore_errors=True)
     return {"code": proc.returncode, "peak_mib": peak / 1024, "peak_rss_sum_mib": peak_rss / 1024, "processes": len(processes),
             "by_role_mib": by_role(processes), "peak_at_s": peak_at, "wall_s": time.monotonic() - started, "fuse": fuse,
             "parallelism": os.environ.get("AIRFLOW__CORE__PARALLELISM", "4 (scripts/embedded.py)"), "tail": output[-1500:]}
@@ -176,7 +182,8 @@ def by_role(members: list[tuple[str, int]]) -> dict[str, float]:
 
 
 def role(command: str) -> str:
-    for needle, name in (("seamless_core", "step child (python -m seamless_core)"), ("api-server", "api-server"),
+    for needle, name in (("seamless_core.warm", "warm step server and its step children"),
+                         ("seamless_core", "step child (python -m seamless_core)"), ("api-server", "api-server"),
                          ("api_server", "api-server"), ("dag-processor", "dag-processor"), ("dag_processor", "dag-processor"),
                          ("triggerer", "triggerer"), ("scheduler", "scheduler"), ("serve-logs", "log servers"),
                          ("airflow worker", "executor workers and task runners"),
@@ -186,7 +193,21 @@ def role(command: str) -> str:
     return command.split(" ")[0].rsplit("/", 1)[-1][:40] or "other"
 
 
-def tree_memory_kib(root_pid: int) -> tuple[int, int, list[tuple[str, int]]]:
+def pids_naming(text: str) -> list[int]:
+    """Processes whose command line contains `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if text.encode() in fh.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def tree_memory_kib(root_pids: list[int]) -> tuple[int, int, list[tuple[str, int]]]:
     """(PSS, RSS, [(command, PSS)]) over the tree: PSS counts shared pages once (what the machine must hold)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -199,9 +220,12 @@ def tree_memory_kib(root_pid: int) -> tuple[int, int, list[tuple[str, int]]]:
                 continue
     pss = rss = 0
     members: list[tuple[str, int]] = []
-    stack = [root_pid]
+    stack, seen = list(root_pids), set()
     while stack:
         pid = stack.pop()
+        if pid in seen:  # the warm server is in the tree too while the task that started it runs
+            continue
+        seen.add(pid)
         try:
             rss += status_kib("VmRSS", str(pid))
             with open(f"/proc/{pid}/smaps_rollup") as fh:

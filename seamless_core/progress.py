@@ -18,7 +18,13 @@ from tqdm import tqdm
 
 log = logging.getLogger("seamless.progress")
 
-DEFAULT_INTERVAL_S = float(os.environ.get("SEAMLESS_PROGRESS_INTERVAL", "10"))
+DEFAULT_INTERVAL_S = 10.0
+
+
+def default_interval() -> float:
+    """Seconds between progress lines: env SEAMLESS_PROGRESS_INTERVAL, read when a step starts (a warm
+    step server's child inherits its modules from the server, not its environment)."""
+    return float(os.environ.get("SEAMLESS_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Progress:
     ) -> None:
         self.report = StepReport(step)
         self.total = total
-        self.interval = DEFAULT_INTERVAL_S if interval is None else interval
+        self.interval = default_interval() if interval is None else interval
         self._stream = stream or sys.stderr
         use_bar = self._stream.isatty() if bar is None else bar
         self._bar = tqdm(total=total, desc=step, unit="chunk", file=self._stream) if use_bar else None

@@ -174,7 +174,7 @@ def test_local_operator_runs_seamless_info_on_a_real_layer(tmp_path, recorder) -
                            kind=LayerKind.IMAGE)
     layer = create_from_info(str(tmp_path / "img"), info, LayerKind.IMAGE)
     layer.write(BBox((0, 0, 0), (64, 64, 2)), np.full((2, 1, 64, 64), 7, np.uint8))
-    SeamlessLocalOperator(task_id="info", step=["info", str(tmp_path / "img")]).execute({})
+    SeamlessLocalOperator(task_id="info", step=["info", str(tmp_path / "img")], warm=False).execute({})
     running = next(i for i, line in enumerate(recorder.lines) if line.startswith("running: "))
     assert "-m seamless_core info" in recorder.lines[running]
     assert any('"type": "image"' in line for line in recorder.lines[running + 1:])  # the child's output, line by line
@@ -187,7 +187,11 @@ def test_bad_input_fails_without_retry(tmp_path, recorder) -> None:
 
 
 class Scripted(SeamlessLocalOperator):
-    """The operator's real process handling, with a tiny Python script instead of `seamless`."""
+    """The operator's real process handling, with a tiny Python script instead of `seamless` (so no
+    warm step server: tests/test_warm.py runs real steps through one)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(warm=False, **kwargs)
 
     def command(self, argv):
         return [sys.executable, "-c", argv[-1]]
