@@ -6,7 +6,7 @@ Quick mode (the default; about 10 minutes on 2 quiet cores, much longer on a loa
 * bench/memory.py: peak host memory per step against the chunk size (2048² section, chunks 256..2048);
 * bench/scheduler_throughput.py: task instances per second through `airflow standalone` (100 no-op tasks);
 * bench/airflow_overhead.py: the sample workflow (10 sections) through `seamless align` and `airflow dags
-  test` with fuse `block` and `section`;
+  test` with fuse `block` and `pairs` (warm step server), and `block` with a subprocess per task;
 * bench/dag_parse.py: parse time of a 1,000-section DAG (fuse none and block);
 * bench/scaling.py: docs/scaling.md from the figures the others saved in bench/results/.
 
@@ -40,7 +40,7 @@ def plan(full: bool, device: str, quality: bool) -> list[tuple[str, list[str]]]:
          + (["--embedded"] if full else [])),
         ("scheduler", ["scheduler_throughput.py", "--tasks", "500" if full else "100", "--width", "10"]),
         ("airflow_overhead", ["airflow_overhead.py", "--sections", "30" if full else "10",
-                              "--fuse", "none,section,block" if full else "block,section"]),
+                              "--fuse", "none,pairs,block" if full else "block,pairs", "--cold", "block"]),
         ("dag_parse", ["dag_parse.py", "--fuse", "none,block"]),
     ]
     if full:

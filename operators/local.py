@@ -236,7 +236,7 @@ class SeamlessLocalOperator(_Planned, BaseOperator):
         from seamless_core import warm
 
         proc: subprocess.Popen[str] | WarmProcess | None = None
-        if self.warm if self.warm is not None else warm.enabled():
+        if self.warm if self.warm is not None else warm.enabled(env):
             proc = warm.popen(argv, env)
         if proc is not None:
             self.log.info("running (warm step server, pid %d): %s", proc.pid, subprocess.list2cmdline(cmd))

@@ -8,8 +8,9 @@ child's exit code. The child behaves as a subprocess would: it runs in its own s
 killpg reaches it; its output goes straight into the task's pipe, so the step of a task that died gets
 SIGPIPE as before; the exit codes are the same.
 
-There is one server per user, interpreter and seamless_core source. The socket's name hashes them, so
-an edited or upgraded package starts a fresh server. A server exits after `idle` seconds with no step
+There is one server per user, interpreter, seamless_core source and start-up environment (PYTHON*,
+LD_*: what shapes an interpreter before its first line). The socket's name hashes them, so an edited
+or upgraded package, or a step with another PYTHONPATH, gets a fresh server. A server exits after `idle` seconds with no step
 running. Any failure to reach or start a server returns None, and the caller starts a plain subprocess
 instead.
 
@@ -29,9 +30,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import IO, Any
 
 log = logging.getLogger("seamless.warm")
@@ -45,21 +48,35 @@ SERVER_LOST = -1  # the exit code reported when the server died before the step'
 _MESSAGE = 1 << 20
 
 
-def enabled() -> bool:
-    return os.environ.get(WARM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+def enabled(env: Mapping[str, str] | None = None) -> bool:
+    """On unless SEAMLESS_WARM (in `env`, the step's environment; else this process's) says 0/false/no/off."""
+    value = (env if env is not None else os.environ).get(WARM_ENV, "1")
+    return value.strip().lower() not in ("0", "false", "no", "off")
 
 
-def socket_path() -> Path:
-    """This interpreter's and this source's socket, in a folder only this user may enter."""
+def _startup_env(env: Mapping[str, str]) -> str:
+    """What shapes an interpreter before its first line (sitecustomize, paths, preloads): steps whose
+    values differ get different servers, as they would get differently started subprocesses."""
+    names = sorted(k for k in env if (k.startswith("PYTHON") and k != "PYTHONUNBUFFERED") or k.startswith("LD_"))
+    return "\0".join(f"{k}={env[k]}" for k in names)
+
+
+def socket_path(env: Mapping[str, str]) -> Path:
+    """The socket of this interpreter, this source and `env`'s start-up settings, in a folder of this
+    user's own under TMPDIR (so a step never writes outside TMPDIR and its destination)."""
     package = Path(__file__).resolve().parent
     newest = max(p.stat().st_mtime_ns for p in package.rglob("*.py"))
-    key = hashlib.sha256(f"{sys.executable}\0{package}\0{newest}".encode()).hexdigest()[:16]
-    folder = Path(os.environ.get(DIR_ENV) or f"/tmp/seamless-warm-{os.getuid()}")
+    key = hashlib.sha256(f"{sys.executable}\0{package}\0{newest}\0{_startup_env(env)}".encode()).hexdigest()[:12]
+    base = env.get("TMPDIR") or tempfile.gettempdir()
+    folder = Path(env.get(DIR_ENV) or os.path.join(base, f"seamless-warm-{os.getuid()}"))
+    path = folder / f"{key}.sock"
+    if len(os.fsencode(path)) > 100:  # a Unix socket's path is at most 107 bytes
+        raise OSError(f"the warm step server's socket path is too long ({path}); set {DIR_ENV} to a short folder")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise PermissionError(f"{folder} must be this user's own folder with mode 0700 (set {DIR_ENV})")
-    return folder / f"{key}.sock"
+    return path
 
 
 # --- the server ----------------------------------------------------------------------------------
@@ -106,12 +123,13 @@ def _run_child(request: dict[str, Any], output: int) -> int:
     return main(list(request["argv"]))
 
 
-def _report_exit(conn: socket.socket, pid: int, done: threading.Semaphore) -> None:
+def _report_exit(conn: socket.socket, pid: int, done: threading.Semaphore, open_conns: set[socket.socket]) -> None:
     try:
         _, status = os.waitpid(pid, 0)
         with contextlib.suppress(OSError):
             conn.send(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode())
     finally:
+        open_conns.discard(conn)
         conn.close()
         done.release()
 
@@ -134,6 +152,7 @@ def serve(path: Path, idle: float) -> None:
     listener.listen(64)
     listener.settimeout(idle)
     running = 0
+    open_conns: set[socket.socket] = set()  # the tasks still waiting for an exit code
     finished = threading.Semaphore(0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log.info("warm step server on %s (pid %d, idle exit after %.0f s)", path, os.getpid(), idle)
@@ -165,8 +184,9 @@ def serve(path: Path, idle: float) -> None:
             if pid == 0:  # the step
                 code = 1
                 try:
-                    listener.close()
-                    conn.close()
+                    for inherited in (listener, conn, *list(open_conns)):  # another task's socket held open here
+                        inherited.close()  # would hide the server's death from that task
+                    lock.close()  # the flock stays the server's: a new server may start once this one is gone
                     code = _run_child(request, fds[0])
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
@@ -183,7 +203,8 @@ def serve(path: Path, idle: float) -> None:
             conn.settimeout(None)
             conn.send(json.dumps({"pid": pid}).encode())
             running += 1
-            threading.Thread(target=_report_exit, args=(conn, pid, finished), daemon=True).start()
+            open_conns.add(conn)
+            threading.Thread(target=_report_exit, args=(conn, pid, finished, open_conns), daemon=True).start()
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -247,18 +268,19 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
-def _start_server(path: Path) -> socket.socket | None:
+def _start_server(path: Path, env: Mapping[str, str]) -> socket.socket | None:
     """Start a server for `path` (one at a time: a lock file) and connect once it listens."""
     with open(f"{path}.start", "w") as starting:
         fcntl.flock(starting, fcntl.LOCK_EX)  # a task starting at the same moment waits for this server
         conn = _connect(path)
         if conn is not None:
             return conn
-        idle = os.environ.get(IDLE_ENV) or str(DEFAULT_IDLE_S)
+        idle = env.get(IDLE_ENV) or str(DEFAULT_IDLE_S)
         with open(f"{path}.log", "ab") as server_log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "seamless_core.warm", "--socket", str(path), "--idle", idle],
-                stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log, start_new_session=True,
+                env=dict(env))  # the start-up settings its socket's name hashes
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and server.poll() is None:
             conn = _connect(path)
@@ -271,8 +293,8 @@ def _start_server(path: Path) -> socket.socket | None:
 def popen(argv: list[str], env: dict[str, str]) -> WarmProcess | None:
     """Start `seamless ARGV` in a warm server's child (a server is started if none runs), or None."""
     try:
-        path = socket_path()
-        conn = _connect(path) or _start_server(path)
+        path = socket_path(env)
+        conn = _connect(path) or _start_server(path, env)
         if conn is None:
             log.warning("no warm step server came up at %s (its log: %s.log); starting a subprocess", path, path)
             return None

@@ -20,22 +20,7 @@ from seamless_core import warm
 from seamless_core.geometry import BBox
 from seamless_core.volumes import LayerKind, create_from_info, make_image_info
 
-
-class Recorder:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, msg, *args) -> None:
-        self.lines.append(msg % args if args else msg)
-
-    warning = error = debug = exception = info
-
-
-@pytest.fixture
-def recorder(monkeypatch) -> Recorder:
-    rec = Recorder()
-    monkeypatch.setattr(SeamlessLocalOperator, "log", property(lambda self: rec))
-    return rec
+from test_dags import _capture, recorder  # noqa: F401  (recorder: the operator's task log, a fixture)
 
 
 @pytest.fixture
@@ -151,8 +136,16 @@ def test_off_switch(tmp_path, recorder, monkeypatch) -> None:
     assert any(line.startswith("running: ") for line in recorder.lines)
 
 
-def _capture(op, errors) -> None:
-    try:
-        op.execute({})
-    except BaseException as exc:  # noqa: BLE001
-        errors.append(exc)
+
+def test_a_step_with_other_start_up_settings_gets_its_own_server(warm_dir) -> None:
+    """PYTHONPATH (a sitecustomize, another checkout) shapes the interpreter before its first line: a
+    server started under one must not run steps that asked for another."""
+    tmp_path = warm_dir  # a short folder: pytest's own may be too long for a socket path
+    base = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin"}
+    path = warm.socket_path(base)
+    assert path.parent == tmp_path / f"seamless-warm-{os.getuid()}" and path.parent.stat().st_mode & 0o777 == 0o700
+    assert warm.socket_path({**base, "SEAMLESS_TILE": "x", "AWS_SECRET_ACCESS_KEY": "y"}) == path  # the child's own
+    assert warm.socket_path({**base, "PYTHONPATH": "/elsewhere"}) != path
+    assert warm.socket_path({**base, "LD_PRELOAD": "libfault.so"}) != path
+    with pytest.raises(OSError, match="too long"):
+        warm.socket_path({**base, "TMPDIR": str(tmp_path / ("x" * 90))})

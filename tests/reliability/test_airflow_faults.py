@@ -110,7 +110,8 @@ def drive_first(fault_dir: str, flag: str) -> dict:
     dag = _parse()
     task = dag.task_dict[KILLED]
     task.env = {"PYTHONPATH": os.pathsep.join([fault_dir, str(REPO)]), "SEAMLESS_FAULT_KILL_AFTER": str(KILL_AFTER_WRITES),
-                "SEAMLESS_FAULT_FLAG": flag}
+                "SEAMLESS_FAULT_FLAG": flag,
+                "SEAMLESS_WARM": "0"}  # the fault is armed at interpreter start (sitecustomize): a fresh one per try
     run = dag.test()
     return {"run_id": run.run_id, "state": str(run.state)}
 
