@@ -189,7 +189,7 @@ def serve(path: Path, idle: float) -> None:
                     lock.close()  # the flock stays the server's: a new server may start once this one is gone
                     code = _run_child(request, fds[0])
                 except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else 1
+                    code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
                 except BaseException:  # noqa: BLE001 - a bug: its traceback goes to the task log
                     import traceback
 
