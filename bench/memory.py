@@ -277,16 +277,17 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if embedded is not None:
         embedded["load"] = os.getloadavg()[0]
-    if not chunks:  # the embedded default alone: its own section, the per-step one is left as it is
-        text = embedded_text(args, embedded) if embedded else "nothing measured"
+    if embedded is not None:  # its own section and results file, with or without the per-step figures
+        text = embedded_text(args, embedded)
         print(text)
-        if args.out and embedded:
+        if args.out:
             from report import save_results, write_section
 
             write_section(args.out, "embedded_memory", "Memory of the embedded default", text)
             save_results("memory_embedded", {"sections": args.sections, "embedded": embedded})
+    if not chunks:
         return
-    text = render(args, chunks, results, embedded, time.monotonic() - started)
+    text = render(args, chunks, results, None, time.monotonic() - started)
     print(text)
     if args.out:
         from report import write_section
