@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from .. import fields
 from .base import Pair
+from .params import EstimatorParams
 
 __all__ = ["BlockMatching", "MatchQuality", "gaussian_blur", "masked_blur", "normalised_fill"]
 
@@ -132,24 +135,31 @@ def normalised_fill(values: Tensor, weights: Tensor, sigma: float, *, keep: bool
     return out
 
 
-def _check(name: str, value, ok, rule: str) -> None:
-    """ValueError naming the parameter unless `ok` (a bool, or a callable evaluated safely)."""
-    if callable(ok):
-        try:
-            ok = ok()
-        except (TypeError, ValueError):
-            ok = False
-    if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+class BlockMatchingParams(EstimatorParams):
+    """Block matching's parameters, in pixels at the stage's MIP (see BlockMatching)."""
 
+    patch_size: int = Field(32, ge=8)
+    stride: int = Field(8, ge=1)
+    search_radius: int = Field(32, ge=1)
+    min_tissue: float = Field(0.25, gt=0, le=1)
+    min_overlap: float = Field(0.5, gt=0, le=1)
+    min_peak: float = Field(0.3, ge=-1, lt=1)
+    min_ratio: float = Field(1.1, ge=1)
+    exclusion: int = Field(3, ge=1)
+    max_deviation: float = Field(2.0, gt=0, allow_inf_nan=True)  # inf: no outlier rejection
+    neighbourhood: int = Field(2, ge=1)
+    fill_sigma: float = Field(1.0, gt=0)
+    smooth_sigma: float = Field(2.0, ge=0)
+    prefilter_sigma: float = Field(0.0, ge=0)
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """A finite real number (bools and strings are not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    @model_validator(mode="after")
+    def _within_the_patch_and_search(self) -> BlockMatchingParams:
+        if self.stride > self.patch_size:
+            raise ValueError(f"stride must be an integer between 1 and patch_size ({self.patch_size}), got {self.stride}")
+        if self.exclusion > self.search_radius:
+            raise ValueError(f"exclusion must be an integer between 1 and search_radius ({self.search_radius}), "
+                             f"got {self.exclusion}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,101 +188,13 @@ class BlockMatching:
 
     name = "block_matching"
 
-    def __init__(
-        self,
-        *,
-        patch_size: int = 32,
-        stride: int = 8,
-        search_radius: int = 32,
-        min_tissue: float = 0.25,
-        min_overlap: float = 0.5,
-        min_peak: float = 0.3,
-        min_ratio: float = 1.1,
-        exclusion: int = 3,
-        max_deviation: float = 2.0,
-        neighbourhood: int = 2,
-        fill_sigma: float = 1.0,
-        smooth_sigma: float = 2.0,
-        prefilter_sigma: float = 0.0,
-    ) -> None:
-        _check("patch_size", patch_size, _is_int(patch_size) and patch_size >= 8, "an integer >= 8")
-        _check(
-            "stride",
-            stride,
-            _is_int(stride) and 1 <= stride <= patch_size,
-            f"an integer between 1 and patch_size ({patch_size})",
-        )
-        _check(
-            "search_radius", search_radius, _is_int(search_radius) and search_radius >= 1, "an integer >= 1"
-        )
-        _check(
-            "min_tissue", min_tissue, _is_number(min_tissue) and 0.0 < min_tissue <= 1.0, "a number in (0, 1]"
-        )
-        _check(
-            "min_overlap",
-            min_overlap,
-            _is_number(min_overlap) and 0.0 < min_overlap <= 1.0,
-            "a number in (0, 1]",
-        )
-        _check("min_peak", min_peak, _is_number(min_peak) and -1.0 <= min_peak < 1.0, "a number in [-1, 1)")
-        _check("min_ratio", min_ratio, _is_number(min_ratio) and min_ratio >= 1.0, "a number >= 1")
-        _check(
-            "exclusion",
-            exclusion,
-            _is_int(exclusion) and 1 <= exclusion <= search_radius,
-            f"an integer between 1 and search_radius ({search_radius})",
-        )
-        _check(
-            "max_deviation",
-            max_deviation,
-            isinstance(max_deviation, (int, float))
-            and not isinstance(max_deviation, bool)
-            and max_deviation > 0,
-            "a number > 0",
-        )
-        _check(
-            "neighbourhood", neighbourhood, _is_int(neighbourhood) and neighbourhood >= 1, "an integer >= 1"
-        )
-        _check("fill_sigma", fill_sigma, _is_number(fill_sigma) and fill_sigma > 0, "a number > 0")
-        _check("smooth_sigma", smooth_sigma, _is_number(smooth_sigma) and smooth_sigma >= 0, "a number >= 0")
-        _check(
-            "prefilter_sigma",
-            prefilter_sigma,
-            _is_number(prefilter_sigma) and prefilter_sigma >= 0,
-            "a number >= 0",
-        )
-        self.patch_size = patch_size
-        self.stride = stride
-        self.search_radius = search_radius
-        self.min_tissue = float(min_tissue)
-        self.min_overlap = float(min_overlap)
-        self.min_peak = float(min_peak)
-        self.min_ratio = float(min_ratio)
-        self.exclusion = exclusion
-        self.max_deviation = float(max_deviation)
-        self.neighbourhood = neighbourhood
-        self.fill_sigma = float(fill_sigma)
-        self.smooth_sigma = float(smooth_sigma)
-        self.prefilter_sigma = float(prefilter_sigma)
+    def __init__(self, **params: Any) -> None:
+        self.params = BlockMatchingParams.checked(params)
+        self.__dict__.update(self.params.model_dump())
         self.last_quality: MatchQuality | None = None
 
     def __repr__(self) -> str:
-        keys = (
-            "patch_size",
-            "stride",
-            "search_radius",
-            "min_tissue",
-            "min_overlap",
-            "min_peak",
-            "min_ratio",
-            "exclusion",
-            "max_deviation",
-            "neighbourhood",
-            "fill_sigma",
-            "smooth_sigma",
-            "prefilter_sigma",
-        )
-        return f"BlockMatching({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        return f"BlockMatching({', '.join(f'{k}={v!r}' for k, v in self.params.model_dump().items())})"
 
     @property
     def margin(self) -> int:

@@ -26,22 +26,50 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from .. import fields
 from .base import Pair
-from .block_matching import _check, _is_int, _is_number, masked_blur
+from .block_matching import masked_blur
+from .params import EstimatorParams
 
 __all__ = ["Finetuner"]
 
-PENALTIES = ("charbonnier", "l2", "l1")
-SIMILARITIES = ("mse", "charbonnier", "ncc")
 #: the "ncc" data term is NCC_SCALE * (1 - local NCC): on EM content this puts it on the scale of the
 #: MSE term, so the same `smoothness` weights work for both (measured on the shared sections).
 NCC_SCALE = 0.01
+
+
+class FinetunerParams(EstimatorParams):
+    """The finetuner's parameters, in pixels at the stage's MIP (see Finetuner)."""
+
+    lr: float = Field(0.1, gt=0)
+    max_iterations: int = Field(300, ge=1)
+    patience: int = Field(10, ge=1)
+    min_improvement: float = Field(1e-3, ge=0, lt=1)
+    lr_decays: int = Field(3, ge=0)
+    smoothness: float = Field(0.005, ge=0)
+    penalty: Literal["charbonnier", "l2", "l1"] = "charbonnier"
+    eps: float = Field(0.05, gt=0)
+    similarity: Literal["mse", "charbonnier", "ncc"] = "mse"
+    sim_eps: float = Field(0.01, gt=0)
+    ncc_window: int = Field(9, ge=3, description="odd")
+    blur: float = Field(1.0, ge=0, le=16)
+    levels: int = Field(1, ge=1, le=6)
+    mask_every: int = Field(5, ge=1)
+    max_rollbacks: int = Field(5, ge=0)
+
+    @field_validator("ncc_window")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 != 1:
+            raise ValueError("must be odd")
+        return value
 
 
 class Finetuner:
@@ -71,94 +99,13 @@ class Finetuner:
 
     name = "finetuner"
 
-    def __init__(
-        self,
-        *,
-        lr: float = 0.1,
-        max_iterations: int = 300,
-        patience: int = 10,
-        min_improvement: float = 1e-3,
-        lr_decays: int = 3,
-        smoothness: float = 0.005,
-        penalty: str = "charbonnier",
-        eps: float = 0.05,
-        similarity: str = "mse",
-        sim_eps: float = 0.01,
-        ncc_window: int = 9,
-        blur: float = 1.0,
-        levels: int = 1,
-        mask_every: int = 5,
-        max_rollbacks: int = 5,
-    ) -> None:
-        _check("lr", lr, _is_number(lr) and lr > 0, "a finite number > 0")
-        _check(
-            "max_iterations",
-            max_iterations,
-            _is_int(max_iterations) and max_iterations >= 1,
-            "an integer >= 1",
-        )
-        _check("patience", patience, _is_int(patience) and patience >= 1, "an integer >= 1")
-        _check(
-            "min_improvement",
-            min_improvement,
-            _is_number(min_improvement) and 0 <= min_improvement < 1,
-            "a number in [0, 1)",
-        )
-        _check("lr_decays", lr_decays, _is_int(lr_decays) and lr_decays >= 0, "an integer >= 0")
-        _check("smoothness", smoothness, _is_number(smoothness) and smoothness >= 0, "a finite number >= 0")
-        _check("penalty", penalty, penalty in PENALTIES, f"one of {PENALTIES}")
-        _check("eps", eps, _is_number(eps) and eps > 0, "a finite number > 0")
-        _check("similarity", similarity, similarity in SIMILARITIES, f"one of {SIMILARITIES}")
-        _check("sim_eps", sim_eps, _is_number(sim_eps) and sim_eps > 0, "a finite number > 0")
-        _check(
-            "ncc_window",
-            ncc_window,
-            _is_int(ncc_window) and ncc_window >= 3 and ncc_window % 2 == 1,
-            "an odd integer >= 3",
-        )
-        _check("blur", blur, _is_number(blur) and 0 <= blur <= 16, "a number in [0, 16]")
-        _check("levels", levels, _is_int(levels) and 1 <= levels <= 6, "an integer between 1 and 6")
-        _check("mask_every", mask_every, _is_int(mask_every) and mask_every >= 1, "an integer >= 1")
-        _check(
-            "max_rollbacks", max_rollbacks, _is_int(max_rollbacks) and max_rollbacks >= 0, "an integer >= 0"
-        )
-        self.lr = float(lr)
-        self.max_iterations = max_iterations
-        self.patience = patience
-        self.min_improvement = float(min_improvement)
-        self.lr_decays = lr_decays
-        self.smoothness = float(smoothness)
-        self.penalty = penalty
-        self.eps = float(eps)
-        self.similarity = similarity
-        self.sim_eps = float(sim_eps)
-        self.ncc_window = ncc_window
-        self.blur = float(blur)
-        self.levels = levels
-        self.mask_every = mask_every
-        self.max_rollbacks = max_rollbacks
+    def __init__(self, **params: Any) -> None:
+        self.params = FinetunerParams.checked(params)
+        self.__dict__.update(self.params.model_dump())
         self.last_stats: dict = {}
 
-    _KEYS = (
-        "lr",
-        "max_iterations",
-        "patience",
-        "min_improvement",
-        "lr_decays",
-        "smoothness",
-        "penalty",
-        "eps",
-        "similarity",
-        "sim_eps",
-        "ncc_window",
-        "blur",
-        "levels",
-        "mask_every",
-        "max_rollbacks",
-    )
-
     def __repr__(self) -> str:
-        return f"Finetuner({', '.join(f'{k}={getattr(self, k)!r}' for k in self._KEYS)})"
+        return f"Finetuner({', '.join(f'{k}={v!r}' for k, v in self.params.model_dump().items())})"
 
     @property
     def margin(self) -> int:
