@@ -355,6 +355,19 @@ def test_bad_parameters_raise_value_error_naming_the_parameter(factory, params, 
         factory(**params)
 
 
+def test_parameter_messages_give_the_rule_and_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match=r"^min_tissue must be a finite number > 0 and <= 1, got 0.0$"):
+        BlockMatching(min_tissue=0.0)
+    with pytest.raises(ValueError, match=r"^ncc_window must be an integer >= 3 \(odd\), got 4$"):
+        Finetuner(ncc_window=4)
+    with pytest.raises(ValueError, match=r"^levels must be an integer >= 1 and <= 6, got True$"):
+        Finetuner(levels=True)  # strict: a bool is not an integer
+    with pytest.raises(TypeError, match=r"unknown parameter 'patchsize'; known: patch_size, stride"):
+        BlockMatching(patchsize=16)
+    assert BlockMatching(max_deviation=float("inf")).max_deviation == float("inf")  # no outlier rejection
+    assert Finetuner(lr=1).lr == 1.0 and isinstance(Finetuner(lr=1).lr, float)
+
+
 def test_spec_builds_estimators_and_reports_bad_params():
     bm = build_estimator(EstimatorSpec(name="block_matching", params={"patch_size": 16, "stride": 4}))
     assert isinstance(bm, BlockMatching) and bm.patch_size == 16
