@@ -151,19 +151,6 @@ def run_dags_test(work: Path, source: str, sections: int, fuse: str, warm_dir: P
             "head": first - epoch, "tail": epoch + wall - last, "between": last - first}
 
 
-def stop_warm_server(folder: Path) -> None:
-    import signal
-
-    for lock in folder.glob("*.lock"):
-        text = lock.read_text().strip()
-        if text.isdigit():
-            try:
-                os.kill(int(text), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def process_start(work: Path, source: str, repeats: int = 3) -> float:
     """Wall time of `python -m seamless_core` importing what a step imports and doing nothing else."""
     code = "import seamless_core.cli, seamless_core.markers, seamless_core.volumes, torch"
@@ -203,7 +190,10 @@ def main() -> None:
                   flush=True)
         text = render(args, align, runs, start_cost, start_load, time.monotonic() - started)
     finally:
-        stop_warm_server(warm_dir)
+        from seamless_core import warm
+
+        warm.stop_servers(warm_dir)
+        shutil.rmtree(warm_dir, ignore_errors=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(text)

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -164,8 +163,9 @@ def embedded_peak(work: Path, sections: int, fuse: str, port: int) -> dict:
             peak, peak_at, processes = pss, time.monotonic() - started, members
         time.sleep(0.5)
     output = proc.stdout.read() if proc.stdout else ""
-    for pid in pids_naming(str(warm)):
-        os.kill(pid, signal.SIGTERM)
+    from seamless_core.warm import stop_servers
+
+    stop_servers(warm)
     shutil.rmtree(warm, ignore_errors=True)
     return {"code": proc.returncode, "peak_mib": peak / 1024, "peak_rss_sum_mib": peak_rss / 1024, "processes": len(processes),
             "by_role_mib": by_role(processes), "peak_at_s": peak_at, "wall_s": time.monotonic() - started, "fuse": fuse,

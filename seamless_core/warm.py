@@ -211,6 +211,27 @@ def serve(path: Path, idle: float) -> None:
             path.unlink()
 
 
+def server_pids(folder: Path) -> list[int]:
+    """The servers running on sockets in `folder`: each holds the flock of its lock file, which names its pid."""
+    pids = []
+    for lock_path in folder.glob("*.sock.lock"):
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: its server runs (a free lock names a dead server's pid)
+                text = lock.read().strip()
+                if text.isdigit():
+                    pids.append(int(text))
+    return pids
+
+
+def stop_servers(folder: Path) -> None:
+    """SIGTERM the servers in `folder` (benchmarks and tests; or to load changed code before the idle exit)."""
+    for pid in server_pids(folder):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
 # --- the client ----------------------------------------------------------------------------------
 class WarmProcess:
     """A step running in a warm server's child, with subprocess.Popen's pid, stdout, poll() and wait()."""

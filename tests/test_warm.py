@@ -29,13 +29,7 @@ def warm_dir(monkeypatch):
     folder = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))
     monkeypatch.setenv(warm.DIR_ENV, str(folder))
     yield folder
-    for lock in folder.glob("*.lock"):
-        text = lock.read_text().strip()
-        if text.isdigit():
-            try:
-                os.kill(int(text), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    warm.stop_servers(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -47,8 +41,20 @@ def _layer(path: Path) -> None:
 
 
 def _server_pid(folder: Path) -> int:
-    (lock,) = folder.glob("*.lock")
-    return int(lock.read_text())
+    (pid,) = warm.server_pids(folder)
+    return pid
+
+
+def _serving_step(tmp_path: Path, recorder) -> tuple[SeamlessLocalOperator, threading.Thread, list[BaseException]]:
+    """A task running `seamless serve` (a step that runs until stopped) through the warm server, once it serves."""
+    op = SeamlessLocalOperator(task_id="serve", step=["serve", str(tmp_path), "--port", "0"], warm=True)  # any free port
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(op, errors))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("serving ") for line in recorder.lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return op, thread, errors
 
 
 def test_steps_run_in_a_warm_server_with_the_tasks_folder_and_output(tmp_path, warm_dir, recorder, monkeypatch) -> None:
@@ -83,13 +89,7 @@ def test_exit_codes_and_the_tasks_environment_reach_the_operator(tmp_path, warm_
 
 
 def test_on_kill_stops_a_warm_step_which_exits_130(tmp_path, warm_dir, recorder) -> None:
-    op = SeamlessLocalOperator(task_id="serve", step=["serve", str(tmp_path), "--port", "0"], warm=True)  # any free port
-    errors: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _capture(op, errors))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not any(line.startswith("serving ") for line in recorder.lines) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    op, thread, errors = _serving_step(tmp_path, recorder)
     op.on_kill()
     thread.join(30)
     assert not thread.is_alive()
@@ -98,13 +98,7 @@ def test_on_kill_stops_a_warm_step_which_exits_130(tmp_path, warm_dir, recorder)
 
 
 def test_a_server_that_dies_mid_step_fails_the_task_for_a_retry(tmp_path, warm_dir, recorder) -> None:
-    op = SeamlessLocalOperator(task_id="serve", step=["serve", str(tmp_path), "--port", "0"], warm=True)  # any free port
-    errors: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _capture(op, errors))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not any(line.startswith("serving ") for line in recorder.lines) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    op, thread, errors = _serving_step(tmp_path, recorder)
     os.kill(_server_pid(warm_dir), signal.SIGKILL)
     step = op._proc
     assert step is not None
