@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .errors import ExitCode, InputError, Interrupted, SeamlessError
-from .geometry import BBox
+from .geometry import BBox, RegionRequest
 
 app = typer.Typer(
     name="seamless",
@@ -63,6 +63,19 @@ def resolve_region(bbox: str | None, bbox_mip: int, z: str | None, mip: int, bou
     return region
 
 
+def region_request(bbox: str | None, bbox_mip: int, z: str | None, mip: int) -> RegionRequest:
+    """--bbox/--bbox-mip/--z as a request the step resolves against the source it opens (None: all).
+
+    Parsed here, so a malformed option fails before any layer is read."""
+    if not (bbox or z):
+        return None
+    if bbox:
+        BBox.parse(bbox, bbox_mip)
+    if z:
+        parse_z(z)
+    return lambda bounds: resolve_region(bbox, bbox_mip, z, mip, bounds)
+
+
 _LAST_REPORT: dict[str, Any] = {}  # the last step's figures, kept in its restart marker
 
 
@@ -74,12 +87,6 @@ def _finish(report: Any, report_json: Path | None) -> None:
         report_json.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(data, indent=2))
     typer.echo(json.dumps(data))
-
-
-def _open_bounds(path: str, kind: Any, mip: int) -> BBox:
-    from .volumes import open_layer
-
-    return open_layer(path, kind, role="--src").bounds(mip)
 
 
 # Steps -------------------------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ def render(
 
     params = RenderParams(mip=mip, field_mip=field_mip, mask_mip=mask_mip, chunk_xy=chunk, max_reach=max_reach,
                           device=device, fill_missing=fill_missing)
-    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, LayerKind.IMAGE, mip)) if (bbox or z) else None
+    region = region_request(bbox, bbox_mip, z, mip)
     layers = prepare_render(src, field, dst, region, params, mask_path=mask)
     s, f, d, m, r = layers
     report = run(s, f, d, r, params, mask=m)
@@ -153,7 +160,7 @@ def downsample(
 
     layer_kind = _kind(kind, ("image", "mask", "field"))
     params = DownsampleParams(src_mip=mip, dst_mip=dst_mip, mask_rule=mask_rule, chunk_xy=chunk, device=device)
-    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, layer_kind, mip)) if (bbox or z) else None
+    region = region_request(bbox, bbox_mip, z, mip)
     layer, region = prepare_downsample(src, layer_kind, region, params)
     _finish(run(layer, region, params), report_json)
 
@@ -178,7 +185,7 @@ def cpc(
     from .volumes import LayerKind
 
     params = CpcParams(mip=mip, patch=patch, offset=offset, device=device, fill_missing=fill_missing)
-    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, LayerKind.IMAGE, mip)) if (bbox or z) else None
+    region = region_request(bbox, bbox_mip, z, mip)
     s, d, r = prepare_cpc(src, dst, region, params)
     _finish(run(s, d, r, params), report_json)
 
@@ -204,7 +211,7 @@ def copy(
 
     layer_kind = _kind(kind, ("image", "mask", "field"))
     params = CopyParams(mip=mip, chunk_xy=chunk, fill_missing=fill_missing, refuse_empty=refuse_empty)
-    region = resolve_region(bbox, bbox_mip, z, mip, _open_bounds(src, layer_kind, mip)) if (bbox or z) else None
+    region = region_request(bbox, bbox_mip, z, mip)
     s, d, r = prepare_copy(src, dst, layer_kind, region, params)
     report = copy_layer(s, d, r, params)
     if downsample_to is not None and layer_kind.value != "image":
@@ -230,15 +237,7 @@ def convert_field(
     from .steps.convert_field import convert_field as run
 
     params = ConvertParams(source=source, mip=mip, chunk_xy=chunk, fill_missing=fill_missing)
-    region = None
-    if bbox or z:
-        from .volumes import _fetch_info, normalise_path
-
-        info = _fetch_info(normalise_path(src))
-        if info is None:
-            raise InputError(f"--src: no layer at {src}")
-        scale = info["scales"][mip]
-        region = resolve_region(bbox, bbox_mip, z, mip, BBox.from_size(scale["voxel_offset"], scale["size"], mip))
+    region = region_request(bbox, bbox_mip, z, mip)
     s, d, r = prepare_convert(src, dst, region, params)
     _finish(run(s, d, r, params), report_json)
 

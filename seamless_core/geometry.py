@@ -7,7 +7,7 @@ level. MIP m is downsampled by the layer's scale factors (2^m in x and y, 1 in z
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -174,3 +174,16 @@ def crop_xy(array, pad: int | tuple[int, int, int, int]):
     left, top, right, bottom = (pad, pad, pad, pad) if isinstance(pad, int) else pad
     h, w = array.shape[-2], array.shape[-1]
     return array[..., top : h - bottom, left : w - right]
+
+
+#: The region a step is asked to process: a box, a rule that derives one from the source layer's bounds
+#: at the step's MIP (the CLI's --bbox/--z: resolved against the layer the step opens anyway, so the
+#: source is opened once), or None for the whole source.
+RegionRequest = BBox | Callable[[BBox], BBox] | None
+
+
+def requested_region(request: RegionRequest, bounds: BBox) -> BBox:
+    """The box a RegionRequest asks for, given the source's bounds."""
+    if request is None:
+        return bounds
+    return request(bounds) if callable(request) else request

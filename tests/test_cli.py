@@ -87,6 +87,46 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(
     assert not (layers / "out").exists()  # validation comes before any write, the info file included
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["render", "--field", "{root}/field", "--dst", "{root}/out", "--z", "1:2"],
+        ["copy", "--dst", "{root}/out", "--bbox", "0,0,0:128,128,1"],
+        ["cpc", "--dst", "{root}/out", "--mip", "0", "--patch", "32", "--z", "1:2"],
+        ["downsample", "--mip", "0", "--dst-mip", "1", "--z", "0:1"],
+    ],
+    ids=["render", "copy", "cpc", "downsample"],
+)
+def test_a_step_given_a_region_reads_its_source_info_once(layers: Path, capsys, monkeypatch, args: list[str]) -> None:
+    """--bbox/--z are resolved against the source the step opens anyway, not a second open of it.
+
+    A spy wraps the real info reader (nothing is replaced) and counts the reads of the source's info."""
+    from seamless_core import volumes
+
+    real, source, reads = volumes._fetch_info, volumes.normalise_path(str(layers / "img")), []
+
+    def counting(path: str):
+        reads.extend([path] if path == source else [])
+        return real(path)
+
+    monkeypatch.setattr(volumes, "_fetch_info", counting)
+    argv = [a.format(root=layers) for a in args[:1]] + ["--src", str(layers / "img")] + [a.format(root=layers) for a in args[1:]]
+    code, _, err = run_cli(argv, capsys)
+    assert code == ExitCode.OK, err
+    assert len(reads) == 1, reads
+
+
+def test_a_malformed_region_is_refused_before_the_source_is_read(layers: Path, capsys, monkeypatch) -> None:
+    from seamless_core import volumes
+
+    def no_reads(path: str):
+        raise AssertionError(f"read {path} before refusing the option")
+
+    monkeypatch.setattr(volumes, "_fetch_info", no_reads)
+    code, _, err = run_cli(render_args(layers, **{"--z": "3:x"}), capsys)
+    assert code == ExitCode.INVALID_INPUT and "--z" in err, err
+
+
 def test_cuda_requested_without_a_gpu_is_refused(layers: Path, capsys) -> None:
     import torch
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError, LayerError
-from ..geometry import BBox
+from ..geometry import BBox, RegionRequest, requested_region
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
-from ..volumes import INFO_KEY, Layer, LayerKind, check_within, create_layer, normalise_path, _fetch_info
+from ..volumes import INFO_KEY, Layer, LayerKind, _fetch_info, check_within, create_layer, normalise_path
 from .common import check_processing_chunk, processing_chunks
 
 SOURCES = ("corgie", "seamless-legacy")
@@ -52,7 +52,7 @@ def convert_field(src: Layer, dst: Layer, region: BBox, params: ConvertParams, *
     return report
 
 
-def prepare_convert(src_path: str, dst_path: str, region: BBox | None,
+def prepare_convert(src_path: str, dst_path: str, region: RegionRequest,
                     params: ConvertParams) -> tuple[Layer, Layer, BBox]:
     if params.source not in SOURCES:
         raise InputError(f"unknown field convention {params.source!r}: use --from {' or --from '.join(SOURCES)}")
@@ -67,7 +67,7 @@ def prepare_convert(src_path: str, dst_path: str, region: BBox | None,
             f"--src: {path} has {info['num_channels']} channels of {info['data_type']}; a field has 2 of float32"
         )
     src = Layer(path, info, LayerKind.FIELD, params.fill_missing)
-    region = region or src.bounds(params.mip)
+    region = requested_region(region, src.bounds(params.mip))
     check_within(src, region, "--src")
     check_processing_chunk(params.chunk_xy, src.chunk_size(params.mip)[0])
     dst = create_layer(dst_path, like=src, kind=LayerKind.FIELD, max_mip=max(src.mips),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..geometry import BBox
+from ..geometry import BBox, RegionRequest, requested_region
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
 from ..volumes import Layer, LayerKind, check_within, create_layer, open_layer
@@ -59,10 +59,10 @@ def refuse_empty_sections(src: Layer, region: BBox, why: str, empty: list[int] |
                          "is never a target or a block start")
 
 
-def prepare_copy(src_path: str, dst_path: str, kind: LayerKind, region: BBox | None,
+def prepare_copy(src_path: str, dst_path: str, kind: LayerKind, region: RegionRequest,
                  params: CopyParams) -> tuple[Layer, Layer, BBox]:
     src = open_layer(src_path, kind, fill_missing=params.fill_missing, role="--src")
-    region = region or src.bounds(params.mip)
+    region = requested_region(region, src.bounds(params.mip))
     check_within(src, region, "--src")
     check_processing_chunk(params.chunk_xy, src.chunk_size(params.mip)[0])
     if params.refuse_empty:  # before the destination exists: nothing half-written

@@ -21,7 +21,7 @@ from cloudvolume.lib import jsonify
 
 from ..devices import resolve_device
 from ..errors import InputError
-from ..geometry import BBox, chunk_grid
+from ..geometry import BBox, RegionRequest, chunk_grid, requested_region
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
 from ..volumes import Layer, LayerKind, check_within, create_from_info, make_image_info, open_layer, put_whole
@@ -123,14 +123,14 @@ def _window_box(region: BBox, patch: int) -> BBox:
                 (math.ceil(region.stop[0] / patch), math.ceil(region.stop[1] / patch), region.stop[2]), 0)
 
 
-def prepare_cpc(src_path: str, dst_path: str, region: BBox | None, params: CpcParams) -> tuple[Layer, Layer, BBox]:
+def prepare_cpc(src_path: str, dst_path: str, region: RegionRequest, params: CpcParams) -> tuple[Layer, Layer, BBox]:
     resolve_device(params.device)
     if params.patch < 4:
         raise InputError(f"--patch {params.patch} is too small for a correlation; use 16 or more")
     if params.offset < 1:
         raise InputError(f"--offset must be >= 1, got {params.offset}")
     src = open_layer(src_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--src")
-    region = region or src.bounds(params.mip)
+    region = requested_region(region, src.bounds(params.mip))
     check_within(src, region, "--src")
     bounds = src.bounds(params.mip)
     window_bounds = _window_box(bounds, params.patch)

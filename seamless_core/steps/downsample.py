@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..devices import resolve_device
 from ..errors import InputError
-from ..geometry import BBox
+from ..geometry import BBox, RegionRequest, requested_region
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
 from ..volumes import Layer, LayerKind, check_within, ensure_mips, open_layer
@@ -84,13 +84,13 @@ def downsample(layer: Layer, region: BBox, params: DownsampleParams, *,
     return report
 
 
-def prepare_downsample(path: str, kind: LayerKind, region: BBox | None, params: DownsampleParams) -> tuple[Layer, BBox]:
+def prepare_downsample(path: str, kind: LayerKind, region: RegionRequest, params: DownsampleParams) -> tuple[Layer, BBox]:
     resolve_device(params.device)
     if params.dst_mip <= params.src_mip:
         raise InputError(f"--dst-mip {params.dst_mip} must be coarser (larger) than --mip {params.src_mip}")
     if params.mask_rule not in MASK_RULES:
         raise InputError(f"unknown mask rule {params.mask_rule!r}: use one of {', '.join(MASK_RULES)}")
     layer = open_layer(path, kind, role="--src")
-    region = region or layer.bounds(params.src_mip)
+    region = requested_region(region, layer.bounds(params.src_mip))
     check_within(layer, region, "--src")
     return layer, region

@@ -18,10 +18,18 @@ import torch.nn.functional as F
 from .. import fields
 from ..devices import resolve_device
 from ..errors import DisplacementTooLarge, InputError
-from ..geometry import BBox, reach_beyond
+from ..geometry import BBox, RegionRequest, reach_beyond, requested_region
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
-from ..volumes import SOURCE_CACHE_BYTES, Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
+from ..volumes import (
+    SOURCE_CACHE_BYTES,
+    Layer,
+    LayerKind,
+    check_same_grid,
+    check_within,
+    create_layer,
+    open_layer,
+)
 from .common import (
     check_processing_chunk,
     field_not_finite,
@@ -249,7 +257,7 @@ def prepare_render(
     src_path: str,
     field_path: str,
     dst_path: str,
-    region: BBox | None,
+    region: RegionRequest,
     params: RenderParams,
     *,
     mask_path: str | None = None,
@@ -269,7 +277,7 @@ def prepare_render(
         mask.scale(params.mip if params.mask_mip is None else params.mask_mip)
         check_same_grid(src, 0, mask, 0, "--src and --mask")
     check_same_grid(src, 0, field, 0, "--src and --field")
-    region = region or src.bounds(params.mip)
+    region = requested_region(region, src.bounds(params.mip))
     check_within(src, region, "--src")
     check_within(field, region.to_mip(field_mip, field.factors), "--field")
     if field_mip < params.mip:
