@@ -6,8 +6,17 @@ stages and K vote targets) and writes a montage (row 1: the deformed stack align
 published stack aligned), because patch metrics alone hide a chain that morphs its sections:
 docs/estimators.md ("Why no finetuner stage for real neighbours") was found this way.
 
+--chain picks how a section's field is made:
+  rendered: estimate section z against the already aligned (rendered) sections z-1..z-K, vote (the
+            workflow's way, bench/align_quality.py's serial_align);
+  compose:  estimate raw z against raw z-k once (reproducible: the per-section deformation telescopes),
+            then F_z = vote over k of compose(F_{z-k}, P_{z,k}); --median W replaces each F_z by its
+            W x W median at MIP 2 (keeps steps such as a crack, removes bumps narrower than W/2 there).
+The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
+last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
+
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON] [--k 3]
-     [--vote-blur 2.0] [--montage chains.png]
+     [--vote-blur 2.0] [--chain rendered|compose] [--median 0] [--montage chains.png]
 """
 
 from __future__ import annotations
@@ -19,12 +28,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+
+from seamless_core import fields  # noqa: E402
 from seamless_core.estimators.spec import PRESETS, parse_stages  # noqa: E402
 from seamless_core.vote import vector_vote  # noqa: E402
+
+
+def median_at_mip(field: torch.Tensor, window: int, mip: int = 2) -> torch.Tensor:
+    """The field's window x window median at `mip` (edges replicated), back at MIP 0."""
+    if window <= 1:
+        return field
+    small = fields.resample(field, 0, mip)
+    half = window // 2
+    patches = F.pad(small, (half, half, half, half), mode="replicate").unfold(2, window, 1).unfold(3, window, 1)
+    return fields.resample(patches.reshape(*patches.shape[:4], -1).median(-1).values, mip, 0)
+
+
+def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) -> torch.Tensor:
+    """Raw-to-raw fields composed along the stack (see --chain compose), each F_z median-filtered."""
+    chain = [torch.zeros(1, 2, *stack.shape[-2:])]
+    for z in range(1, stack.shape[0]):
+        offsets = range(1, min(k_targets, z) + 1)
+        candidates = torch.stack([fields.compose(chain[z - k], estimate(stack[z : z + 1], stack[z - k : z - k + 1]))
+                                  for k in offsets])
+        voted = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)[0] if len(offsets) >= 3 \
+            else candidates.mean(0)
+        chain.append(median_at_mip(voted, median))
+    return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 
 
 def main() -> None:
@@ -33,6 +68,9 @@ def main() -> None:
     parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list")
     parser.add_argument("--k", type=int, default=3, help="vote targets per section")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
+    parser.add_argument("--chain", choices=["rendered", "compose"], default="rendered",
+                        help="align to rendered sections, or compose raw-to-raw fields (see above)")
+    parser.add_argument("--median", type=int, default=0, help="--chain compose: median window at MIP 2 (0 = none)")
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -45,8 +83,12 @@ def main() -> None:
     def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return quality.field_seamless(moving, reference, spec)
 
-    from_deformed, _ = quality.serial_align(deformed, estimate, args.k)
-    from_published, _ = quality.serial_align(stack, estimate, args.k)
+    if args.chain == "compose":
+        from_deformed = compose_align(deformed, estimate, args.k, args.median)
+        from_published = compose_align(stack, estimate, args.k, args.median)
+    else:
+        from_deformed, _ = quality.serial_align(deformed, estimate, args.k)
+        from_published, _ = quality.serial_align(stack, estimate, args.k)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")
     print("|---|---|---|---|")
     measured, rejected_total, total = [], 0, 0
@@ -62,6 +104,10 @@ def main() -> None:
     shifts = np.concatenate(measured)
     print(f"all sections: {np.median(shifts):.2f} / {np.percentile(shifts, 95):.2f} px, "
           f"{rejected_total / max(1, total):.0%} rejected")
+    published_nc = quality.neighbour_correlation(stack)
+    print(f"neighbour correlation ratio: published stack aligned "
+          f"{quality.neighbour_correlation(from_published) / published_nc:.3f}, deformed stack aligned "
+          f"{quality.neighbour_correlation(from_deformed) / published_nc:.3f}")
     if args.montage:
         rows = [np.concatenate([s[z, 0].numpy() for z in range(args.sections)], 1)
                 for s in (from_deformed, from_published)]
