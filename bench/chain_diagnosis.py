@@ -56,8 +56,7 @@ def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) ->
         offsets = range(1, min(k_targets, z) + 1)
         candidates = torch.stack([fields.compose(chain[z - k], estimate(stack[z : z + 1], stack[z - k : z - k + 1]))
                                   for k in offsets])
-        voted = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)[0] if len(offsets) >= 3 \
-            else candidates.mean(0)
+        voted, _ = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)  # 1-2 candidates: their mean
         chain.append(median_at_mip(voted, median))
     return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 

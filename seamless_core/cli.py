@@ -55,25 +55,20 @@ def parse_z(text: str, option: str = "--z") -> tuple[int, int]:
     return start, stop
 
 
-def resolve_region(bbox: str | None, bbox_mip: int, z: str | None, mip: int, bounds: BBox) -> BBox:
-    """The region to process at `mip`, from --bbox/--bbox-mip/--z and the source bounds."""
-    region = BBox.parse(bbox, bbox_mip).to_mip(mip) if bbox else bounds
-    if z:
-        region = region.with_z(*parse_z(z))
-    return region
-
-
 def region_request(bbox: str | None, bbox_mip: int, z: str | None, mip: int) -> RegionRequest:
     """--bbox/--bbox-mip/--z as a request the step resolves against the source it opens (None: all).
 
-    Parsed here, so a malformed option fails before any layer is read."""
+    Parsed here, once, so a malformed option fails before any layer is read."""
     if not (bbox or z):
         return None
-    if bbox:
-        BBox.parse(bbox, bbox_mip)
-    if z:
-        parse_z(z)
-    return lambda bounds: resolve_region(bbox, bbox_mip, z, mip, bounds)
+    box = BBox.parse(bbox, bbox_mip).to_mip(mip) if bbox else None
+    sections = parse_z(z) if z else None
+
+    def within(bounds: BBox) -> BBox:
+        region = bounds if box is None else box
+        return region.with_z(*sections) if sections else region
+
+    return within
 
 
 _LAST_REPORT: dict[str, Any] = {}  # the last step's figures, kept in its restart marker

@@ -130,9 +130,9 @@ def prepare_cpc(src_path: str, dst_path: str, region: RegionRequest, params: Cpc
     if params.offset < 1:
         raise InputError(f"--offset must be >= 1, got {params.offset}")
     src = open_layer(src_path, LayerKind.IMAGE, fill_missing=params.fill_missing, role="--src")
-    region = requested_region(region, src.bounds(params.mip))
-    check_within(src, region, "--src")
     bounds = src.bounds(params.mip)
+    region = requested_region(region, bounds)
+    check_within(src, region, "--src")
     window_bounds = _window_box(bounds, params.patch)
     resolution = src.resolution(params.mip)
     info = make_image_info(
