@@ -11,12 +11,15 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
             workflow's way, bench/align_quality.py's serial_align);
   compose:  estimate raw z against raw z-k once (reproducible: the per-section deformation telescopes),
             then F_z = vote over k of compose(F_{z-k}, P_{z,k}); --median W replaces each F_z by its
-            W x W median at MIP 2 (keeps steps such as a crack, removes bumps narrower than W/2 there).
+            W x W median at MIP 2 (keeps steps such as a crack, removes bumps narrower than W/2 there);
+  template: estimate section z against one target, the mean of the aligned sections z-1..z-K (each
+            pixel over the sections with tissue there): a running template, whose anatomy is averaged
+            out, instead of a vote over single neighbours.
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON] [--k 3]
-     [--vote-blur 2.0] [--chain rendered|compose] [--median 0] [--montage chains.png]
+     [--vote-blur 2.0] [--chain rendered|compose|template] [--median 0] [--montage chains.png]
 """
 
 from __future__ import annotations
@@ -61,14 +64,26 @@ def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) ->
     return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 
 
+def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
+    """Each section aligned onto the tissue-weighted mean of the `depth` aligned sections before it."""
+    aligned = [stack[0:1]]
+    for z in range(1, stack.shape[0]):
+        previous = torch.cat(aligned[max(0, z - depth) : z])
+        weight = (previous > 0).float()
+        template = (previous * weight).sum(0, keepdim=True) / weight.sum(0, keepdim=True).clamp_min(1e-6)
+        aligned.append(fields.warp(stack[z : z + 1], estimate(stack[z : z + 1], template)))
+    return torch.cat(aligned)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=6)
     parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list")
     parser.add_argument("--k", type=int, default=3, help="vote targets per section")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
-    parser.add_argument("--chain", choices=["rendered", "compose"], default="rendered",
-                        help="align to rendered sections, or compose raw-to-raw fields (see above)")
+    parser.add_argument("--chain", choices=["rendered", "compose", "template"], default="rendered",
+                        help="align to rendered sections, compose raw-to-raw fields, or align to a running "
+                        "template of the last K aligned sections (see above)")
     parser.add_argument("--median", type=int, default=0, help="--chain compose: median window at MIP 2 (0 = none)")
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
     args = parser.parse_args()
@@ -82,7 +97,10 @@ def main() -> None:
     def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return quality.field_seamless(moving, reference, spec)
 
-    if args.chain == "compose":
+    if args.chain == "template":
+        from_deformed = template_align(deformed, estimate, args.k)
+        from_published = template_align(stack, estimate, args.k)
+    elif args.chain == "compose":
         from_deformed = compose_align(deformed, estimate, args.k, args.median)
         from_published = compose_align(stack, estimate, args.k, args.median)
     else:
