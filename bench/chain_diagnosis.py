@@ -19,7 +19,7 @@ The table gives, per section, the patches that pass the peak test and all patche
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON] [--k 3]
-     [--vote-blur 2.0] [--chain rendered|compose|template] [--median 0] [--montage chains.png]
+     [--vote-blur 2.0] [--chain rendered|compose|template] [--median 0] [--margin 32] [--montage chains.png]
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def main() -> None:
                         help="align to rendered sections, compose raw-to-raw fields, or align to a running "
                         "template of the last K aligned sections (see above)")
     parser.add_argument("--median", type=int, default=0, help="--chain compose: median window at MIP 2 (0 = none)")
+    parser.add_argument("--margin", type=int, default=32,
+                        help="px left out at the section's edges by the patch metric (128: the central 256 px only)")
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -110,8 +112,8 @@ def main() -> None:
     print("|---|---|---|---|")
     measured, rejected_total, total = [], 0, 0
     for z in range(1, args.sections):
-        shifts, rejected = quality.patch_shifts(from_deformed[z], from_published[z])
-        every, _ = quality.patch_shifts(from_deformed[z], from_published[z], min_peak=0.0)
+        shifts, rejected = quality.patch_shifts(from_deformed[z], from_published[z], margin=args.margin)
+        every, _ = quality.patch_shifts(from_deformed[z], from_published[z], min_peak=0.0, margin=args.margin)
         measured.append(shifts)
         rejected_total += rejected
         total += rejected + shifts.size
