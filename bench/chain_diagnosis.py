@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=6)
     parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list")
-    parser.add_argument("--k", type=int, default=3, help="vote targets per section")
+    parser.add_argument("--k", type=int, default=3, help="vote targets per section (--chain template: sections averaged into the template)")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
     parser.add_argument("--chain", choices=["rendered", "compose", "template"], default="rendered",
                         help="align to rendered sections, compose raw-to-raw fields, or align to a running "
@@ -99,15 +99,12 @@ def main() -> None:
     def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return quality.field_seamless(moving, reference, spec)
 
-    if args.chain == "template":
-        from_deformed = template_align(deformed, estimate, args.k)
-        from_published = template_align(stack, estimate, args.k)
-    elif args.chain == "compose":
-        from_deformed = compose_align(deformed, estimate, args.k, args.median)
-        from_published = compose_align(stack, estimate, args.k, args.median)
-    else:
-        from_deformed, _ = quality.serial_align(deformed, estimate, args.k)
-        from_published, _ = quality.serial_align(stack, estimate, args.k)
+    chains = {
+        "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],
+        "compose": lambda s: compose_align(s, estimate, args.k, args.median),
+        "template": lambda s: template_align(s, estimate, args.k),
+    }
+    from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")
     print("|---|---|---|---|")
     measured, rejected_total, total = [], 0, 0
