@@ -25,7 +25,6 @@ Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial |
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -36,9 +35,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+import pair_floor  # noqa: E402
 
 from seamless_core import fields  # noqa: E402
-from seamless_core.estimators.spec import PRESETS, parse_stages  # noqa: E402
 from seamless_core.vote import vector_vote  # noqa: E402
 
 
@@ -78,7 +77,7 @@ def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=6)
-    parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list")
+    parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+lk' to refine (pair_floor.py)")
     parser.add_argument("--k", type=int, default=3, help="vote targets per section (--chain template: sections averaged into the template)")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
     parser.add_argument("--chain", choices=["rendered", "compose", "template"], default="rendered",
@@ -90,14 +89,11 @@ def main() -> None:
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec = parse_stages(PRESETS[args.stages] if args.stages in PRESETS else json.loads(args.stages))
+    estimate = pair_floor.estimator(args.stages)
     quality.vector_vote = lambda c, temperature, blur_sigma: vector_vote(  # the bench's vote, blur as asked
         c, temperature=temperature, blur_sigma=args.vote_blur)
     stack = quality.load_stack(args.sections)
     deformed = quality.deformed_stack(stack)
-
-    def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return quality.field_seamless(moving, reference, spec)
 
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],

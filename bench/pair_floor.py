@@ -12,7 +12,8 @@ the pair over the published pair: near 1 for an aligner of an already aligned st
 that morphs a section into its neighbour. docs/estimators.md tabulates both for the stage specs tried.
 
 Run: .venv/bin/python bench/pair_floor.py [--sections 1,3,5,7] NAME=SPEC [NAME=SPEC ...]
-     (SPEC: a preset name, e.g. serial or exact, or a JSON stage list)
+     (SPEC: a preset name, e.g. serial or exact, or a JSON stage list; "+lk" after it refines each
+     field with bench/patch_lk.py's prototype)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+import patch_lk  # noqa: E402
 
 from seamless_core import fields, synthetic  # noqa: E402
 from seamless_core.estimators.spec import PRESETS, parse_stages  # noqa: E402
@@ -38,15 +40,28 @@ def crack_gap(z: int, size: int) -> np.ndarray:
     return synthetic.crack_field(size, size, opening=5.0, seed=1000 + z + 11)[1][0, 0].numpy()
 
 
+def estimator(spec_text: str):
+    """(moving, reference) -> field for a preset name or a JSON stage list; a trailing "+lk" refines the
+    field with bench/patch_lk.py (a prototype, see there)."""
+    base, lk = (spec_text[: -len("+lk")], True) if spec_text.endswith("+lk") else (spec_text, False)
+    spec = parse_stages(PRESETS[base] if base in PRESETS else json.loads(base))
+
+    def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        field = quality.field_seamless(moving, reference, spec)
+        return patch_lk.refine(moving, reference, field) if lk else field
+
+    return estimate
+
+
 def measure(spec_text: str, stack: torch.Tensor, sections: list[int]) -> dict[str, float]:
-    spec = parse_stages(PRESETS[spec_text] if spec_text in PRESETS else json.loads(spec_text))
+    estimate = estimator(spec_text)
     on_crack, off_crack, morph = [], [], []
     start = time.perf_counter()
     for z in sections:
         target = stack[z - 1 : z]
         deformed = synthetic.deformed_copy(stack[z : z + 1], seed=1000 + z)["deformed"]
-        a = fields.warp(deformed, quality.field_seamless(deformed, target, spec))[0, 0].numpy()
-        aligned = fields.warp(stack[z : z + 1], quality.field_seamless(stack[z : z + 1], target, spec))
+        a = fields.warp(deformed, estimate(deformed, target))[0, 0].numpy()
+        aligned = fields.warp(stack[z : z + 1], estimate(stack[z : z + 1], target))
         morph.append(quality.neighbour_correlation(torch.cat([target, aligned]))
                      / quality.neighbour_correlation(stack[z - 1 : z + 1]))
         b, gap = aligned[0, 0].numpy(), crack_gap(z, stack.shape[-1])
