@@ -12,14 +12,16 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
   compose:  estimate raw z against raw z-k once (reproducible: the per-section deformation telescopes),
             then F_z = vote over k of compose(F_{z-k}, P_{z,k}); --median W replaces each F_z by its
             W x W median at MIP 2 (keeps steps such as a crack, removes bumps narrower than W/2 there);
+  filled:   as rendered, but each target's missing pixels (black borders, crack gaps, debris) are
+            filled from the target before it (the output sections stay as rendered);
   template: estimate section z against one target, the mean of the aligned sections z-1..z-K (each
             pixel over the sections with tissue there): a running template, whose anatomy is averaged
             out, instead of a vote over single neighbours.
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
-Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON] [--k 3]
-     [--vote-blur 2.0] [--chain rendered|compose|template] [--median 0] [--margin 32] [--montage chains.png]
+Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+lk]] [--k 3]
+     [--vote-blur 2.0] [--chain rendered|filled|compose|template] [--median 0] [--margin 32] [--montage chains.png]
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) ->
     return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 
 
+def filled_align(stack: torch.Tensor, estimate, k_targets: int) -> torch.Tensor:
+    """The rendered chain (the workflow's), but each target's missing pixels (black borders, crack gaps,
+    debris) filled from the filled target before it; the output sections themselves stay unfilled."""
+    aligned, targets = [stack[0:1]], [stack[0:1]]
+    for z in range(1, stack.shape[0]):
+        chosen = [targets[z - k] for k in range(1, min(k_targets, z) + 1)]
+        candidates = torch.stack([estimate(stack[z : z + 1], t) for t in chosen])
+        field = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)[0] if len(chosen) >= 3 else candidates[0]
+        aligned.append(fields.warp(stack[z : z + 1], field))
+        targets.append(torch.where(aligned[z] > 0, aligned[z], targets[z - 1]))
+    return torch.cat(aligned)
+
+
 def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
     """Each section aligned onto the tissue-weighted mean of the `depth` aligned sections before it."""
     aligned = [stack[0:1]]
@@ -80,9 +95,9 @@ def main() -> None:
     parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+lk' to refine (pair_floor.py)")
     parser.add_argument("--k", type=int, default=3, help="vote targets per section (--chain template: sections averaged into the template)")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
-    parser.add_argument("--chain", choices=["rendered", "compose", "template"], default="rendered",
-                        help="align to rendered sections, compose raw-to-raw fields, or align to a running "
-                        "template of the last K aligned sections (see above)")
+    parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template"], default="rendered",
+                        help="align to rendered sections (with their holes filled), compose raw-to-raw fields, or "
+                        "align to a running template of the last K aligned sections (see above)")
     parser.add_argument("--median", type=int, default=0, help="--chain compose: median window at MIP 2 (0 = none)")
     parser.add_argument("--margin", type=int, default=32,
                         help="px left out at the section's edges by the patch metric (128: the central 256 px only)")
@@ -99,6 +114,7 @@ def main() -> None:
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
         "template": lambda s: template_align(s, estimate, args.k),
+        "filled": lambda s: filled_align(s, estimate, args.k),
     }
     from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")

@@ -12,10 +12,13 @@ is the published step's field composed with the known inverse deformation, so pe
   total     = |field onto the deformed target - ideal|     (the two rendered sections differ by it).
 Median / p95 / mean over the section less `--edge` px, px at MIP 0.
 
+--fill fills each target's missing pixels from the target before (the outputs stay as rendered), as
+bench/chain_diagnosis.py --chain filled does.
+
 --clean measures the chain without missing content: central 384 px crops of sections deformed whole
 (translation, rotation, elastic warp; no crack, no debris), so no black borders enter the chain.
 
-Run: .venv/bin/python bench/chain_fields.py [--sections 8] [--stages serial | JSON [+lk]] [--clean]
+Run: .venv/bin/python bench/chain_fields.py [--sections 8] [--stages serial | JSON [+lk]] [--clean] [--fill]
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("--sections", type=int, default=8)
     parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+lk' to refine")
     parser.add_argument("--clean", action="store_true", help="central crops, no crack, debris or black borders")
+    parser.add_argument("--fill", action="store_true",
+                        help="fill each target's missing pixels from the target before (chain_diagnosis --chain filled)")
     parser.add_argument("--edge", type=int, default=64, help="px left out at each edge")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -75,8 +80,12 @@ def main() -> None:
         print(f"| {z} | {stats((onto_published - ideal).norm(dim=1))} "
               f"| {stats((onto_deformed - onto_published).norm(dim=1))} "
               f"| {stats((onto_deformed - ideal).norm(dim=1))} |", flush=True)
-        published = fields.warp(stack[z : z + 1], step)
-        deformed = fields.warp(copy, onto_deformed)
+        rendered_published, rendered_deformed = fields.warp(stack[z : z + 1], step), fields.warp(copy, onto_deformed)
+        if args.fill:  # the next targets: missing pixels taken from the target before
+            published = torch.where(rendered_published > 0, rendered_published, published)
+            deformed = torch.where(rendered_deformed > 0, rendered_deformed, deformed)
+        else:
+            published, deformed = rendered_published, rendered_deformed
 
 
 if __name__ == "__main__":
