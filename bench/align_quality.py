@@ -82,17 +82,29 @@ def field_tvl1(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([u, v])[None].astype(np.float32))
 
 
-def serial_align(stack: torch.Tensor, estimate, k_targets: int = 3) -> tuple[torch.Tensor, float]:
-    aligned = [stack[0:1]]
+def fill_missing(section: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """The section with its missing (black) pixels taken from `previous`: a target whose holes do not steer."""
+    return torch.where(section > 0, section, previous)
+
+
+def serial_align(stack: torch.Tensor, estimate, k_targets: int = 3, *,
+                 fill_targets: bool = False) -> tuple[torch.Tensor, float]:
+    """Each section aligned onto the K aligned sections before it (voted when K >= 3).
+
+    fill_targets: the targets' missing pixels (black borders, crack gaps, debris) are taken from the
+    target before them; the returned sections stay as rendered (bench/chain_diagnosis.py --chain filled).
+    """
+    aligned, targets = [stack[0:1]], [stack[0:1]]
     start = time.perf_counter()
     for z in range(1, stack.shape[0]):
-        targets = [aligned[z - k] for k in range(1, min(k_targets, z) + 1)]
-        candidates = torch.stack([estimate(stack[z : z + 1], t) for t in targets])
-        if len(targets) >= 3:
+        chosen = [targets[z - k] for k in range(1, min(k_targets, z) + 1)]
+        candidates = torch.stack([estimate(stack[z : z + 1], t) for t in chosen])
+        if len(chosen) >= 3:
             field, _ = vector_vote(candidates, temperature=1.0, blur_sigma=2.0)
         else:
             field = candidates[0]
         aligned.append(fields.warp(stack[z : z + 1], field))
+        targets.append(fill_missing(aligned[z], targets[z - 1]) if fill_targets else aligned[z])
     return torch.cat(aligned), time.perf_counter() - start
 
 

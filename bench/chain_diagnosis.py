@@ -65,19 +65,6 @@ def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) ->
     return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 
 
-def filled_align(stack: torch.Tensor, estimate, k_targets: int) -> torch.Tensor:
-    """The rendered chain (the workflow's), but each target's missing pixels (black borders, crack gaps,
-    debris) filled from the filled target before it; the output sections themselves stay unfilled."""
-    aligned, targets = [stack[0:1]], [stack[0:1]]
-    for z in range(1, stack.shape[0]):
-        chosen = [targets[z - k] for k in range(1, min(k_targets, z) + 1)]
-        candidates = torch.stack([estimate(stack[z : z + 1], t) for t in chosen])
-        field = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)[0] if len(chosen) >= 3 else candidates[0]
-        aligned.append(fields.warp(stack[z : z + 1], field))
-        targets.append(torch.where(aligned[z] > 0, aligned[z], targets[z - 1]))
-    return torch.cat(aligned)
-
-
 def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
     """Each section aligned onto the tissue-weighted mean of the `depth` aligned sections before it."""
     aligned = [stack[0:1]]
@@ -114,7 +101,7 @@ def main() -> None:
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
         "template": lambda s: template_align(s, estimate, args.k),
-        "filled": lambda s: filled_align(s, estimate, args.k),
+        "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
     }
     from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")

@@ -82,8 +82,8 @@ def main() -> None:
               f"| {stats((onto_deformed - ideal).norm(dim=1))} |", flush=True)
         rendered_published, rendered_deformed = fields.warp(stack[z : z + 1], step), fields.warp(copy, onto_deformed)
         if args.fill:  # the next targets: missing pixels taken from the target before
-            published = torch.where(rendered_published > 0, rendered_published, published)
-            deformed = torch.where(rendered_deformed > 0, rendered_deformed, deformed)
+            published = quality.fill_missing(rendered_published, published)
+            deformed = quality.fill_missing(rendered_deformed, deformed)
         else:
             published, deformed = rendered_published, rendered_deformed
 
