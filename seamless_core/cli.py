@@ -99,6 +99,9 @@ def render(
     z: ZOpt = None,
     chunk: Chunk = None,
     max_reach: Annotated[int, typer.Option("--max-reach", min=1, help="Most pixels a field may pull from beyond a chunk.")] = 4096,
+    fill_holes_from: Annotated[Optional[int], typer.Option(
+        "--fill-holes-from", min=0,
+        help="Section of --dst, already rendered, whose pixels replace this render's black ones (block targets).")] = None,
     downsample_to: DownsampleTo = None,
     device: Device = "cpu",
     fill_missing: FillMissing = False,
@@ -110,7 +113,7 @@ def render(
     from .volumes import LayerKind
 
     params = RenderParams(mip=mip, field_mip=field_mip, mask_mip=mask_mip, chunk_xy=chunk, max_reach=max_reach,
-                          device=device, fill_missing=fill_missing)
+                          device=device, fill_missing=fill_missing, fill_holes_from=fill_holes_from)
     region = region_request(bbox, bbox_mip, z, mip)
     layers = prepare_render(src, field, dst, region, params, mask_path=mask)
     s, f, d, m, r = layers

@@ -51,6 +51,9 @@ class VoteConfig(_Strict):
 class BlockConfig(_Strict):
     size: int = Field(10, ge=2, description="sections per block; blocks overlap by one section and align in parallel")
     decay_dist: int = Field(100, ge=1, description="sections over which a block's stitch correction fades to zero")
+    fill_targets: bool = Field(True, description="each block render takes its black pixels (outside the source, "
+                                                 "cracks, debris, masked defects) from the block's section before it, "
+                                                 "so a target's holes do not steer later sections' fields")
 
 
 class RenderConfig(_Strict):
@@ -210,7 +213,8 @@ stages: exact                          # preset (exact, serial) or a list of {{m
 #  - {{mip: 1, estimators: [{{name: finetuner}}]}}
 #  - {{mip: 0, estimators: [{{name: finetuner}}]}}
 vote: {{k: 3, temperature: 1.0, blur: 2.0}}  # k previous sections vote on each field
-blocks: {{size: 10, decay_dist: 100}}  # parallel blocks; stitch corrections fade over decay_dist sections
+blocks: {{size: 10, decay_dist: 100, fill_targets: true}}  # parallel blocks; stitch corrections fade over
+                                       # decay_dist sections; block renders (targets) fill holes from z-1
 render: {{mip: 0}}                       # final image MIP
 cpc: {{mip: 1, patch: 32}}               # quality map: correlation of z with z-1
 pad: 64                                # field context px per chunk side

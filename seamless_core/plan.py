@@ -11,7 +11,8 @@ The shape (docs/workflow.md has the picture):
   each section onto up to `vote.k` already aligned sections before it in the same block;
 * per section: compute_field for each target (one step per target, or per target and MIP stage),
   vector_vote, and render into the block's image layer (even/odd blocks alternate layers, so the
-  overlap section is written by two blocks without a clash);
+  overlap section is written by two blocks without a clash), its black pixels filled from the block's
+  previous good section so a target's holes do not steer later fields (`blocks.fill_targets`);
 * stitching: block b's start section was also aligned by block b-1; that voted field is block b's
   stitch field (block b's frame -> block b-1's frame);
 * compose with decay: each section's final field is its block field composed under the stitch fields
@@ -441,11 +442,14 @@ class _Builder:
             "--mip", str(self.field_mip), "--temperature", str(self.c.vote.temperature), "--blur", str(self.c.vote.blur),
             *self._bbox_only(z), *self.common()), tuple(finals), z=z, mip=self.field_mip, block=block.index, gpu=True))
         if z < block.stop and z not in self.bad:  # a target for later sections of this block
+            # Holes are filled from the block's previous good section: target 1, whose render the vote
+            # already waits for (through z's first compute_field), so the vote and this render stay fusable.
+            holes = ["--fill-holes-from", str(targets[0])] if self.c.blocks.fill_targets and targets else []
             ready[(block.index, z)] = self.add(Step(f"b{block.index:03d}.z{z}.render", "block_render", (
                 "render", "--src", self.c.source, "--field", self.layout.voted, "--field-mip", str(self.field_mip),
                 "--dst", self.layout.block_image(block.index), "--mip", str(self.field_mip), *self.mask_args(self.field_mip),
-                *self.block_pyramid(), *self.region(z), *self.common(), *self.fill()), (vote,), z=z, mip=self.field_mip,
-                block=block.index, gpu=True))
+                *holes, *self.block_pyramid(), *self.region(z), *self.common(), *self.fill()), (vote,), z=z,
+                mip=self.field_mip, block=block.index, gpu=True))
         return vote
 
     def compute_field(self, block: Block, z: int, rank: int, target: int, target_ready: str) -> str:

@@ -20,6 +20,18 @@ def deps_of(plan: Plan, step_id: str) -> set[str]:
     return set(plan.by_id[step_id].deps)
 
 
+def upstream(plan: Plan, step_id: str) -> set[str]:
+    """Every step that `step_id` waits for, directly or through others."""
+    seen: set[str] = set()
+    todo = list(plan.by_id[step_id].deps)
+    while todo:
+        dep = todo.pop()
+        if dep not in seen:
+            seen.add(dep)
+            todo.extend(plan.by_id[dep].deps)
+    return seen
+
+
 def test_blocks_overlap_by_one_section_and_cover_the_range() -> None:
     blocks = split_blocks(0, 13, 4)
     assert [(b.start, b.stop) for b in blocks] == [(0, 4), (4, 8), (8, 12)]
@@ -51,11 +63,30 @@ def test_section_chain_dependencies() -> None:
     assert deps_of(plan, "z7.t3.compute_field") == {"b001.z4.start"}
     assert plan.by_id["b001.z4.start"].args[0] == "copy"
     assert deps_of(plan, "z7.vote") == {"z7.t1.compute_field", "z7.t2.compute_field", "z7.t3.compute_field"}
+    # the render fills its holes from the block's section before it: the vote already waits for that one
     assert deps_of(plan, "b001.z7.render") == {"z7.vote"}
+    assert "b001.z6.render" in upstream(plan, "b001.z7.render")
+    args = list(plan.by_id["b001.z7.render"].args)
+    assert args[args.index("--fill-holes-from") + 1] == "6"
     assert "b001.z8.render" not in plan.by_id  # a block's last section is no target inside it
     # the odd blocks write the odd layer, so the shared section never clashes
     assert "blocks/odd" in " ".join(plan.by_id["b001.z5.render"].args)
     assert "blocks/even" in " ".join(plan.by_id["b002.z9.render"].args)
+
+
+def test_filled_targets_skip_bad_sections_and_can_be_turned_off() -> None:
+    plan = build_plan(config(bad_sections=[6]))
+    args = list(plan.by_id["b001.z7.render"].args)
+    assert args[args.index("--fill-holes-from") + 1] == "5"  # 6 is bad: never rendered, never a source
+    assert "b001.z5.render" in upstream(plan, "b001.z7.render")
+    for overrides in ({}, {"vote": {"k": 1}}, {"bad_sections": [4, 5, 9]}, {"sections": {"start": 3, "stop": 6}}):
+        plan = build_plan(config(**overrides))
+        for step in (s for s in plan.steps if s.kind == "block_render"):
+            source = int(step.args[step.args.index("--fill-holes-from") + 1])
+            writers = {f"b{step.block:03d}.z{source}.render", f"b{step.block:03d}.z{source}.start"}
+            assert writers & upstream(plan, step.id), (overrides, step.id)  # rendered before it is read
+    plain = build_plan(config(blocks={"size": 4, "decay_dist": 100, "fill_targets": False}))
+    assert not any("--fill-holes-from" in step.args for step in plain.steps)
 
 
 def test_stitching_waits_for_the_previous_block_and_compose_applies_decay() -> None:

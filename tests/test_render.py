@@ -133,3 +133,49 @@ def test_render_is_idempotent_byte_for_byte(tmp_path: Path) -> None:
         render(*layers[:3], layers[4], params)
         outputs.append(sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").rglob("*") if p.is_file()))
     assert outputs[0] == outputs[1]
+
+
+def _two_section_layers(tmp_path: Path) -> np.ndarray:
+    """Sections 0 and 1 of the sample (1 with a black debris patch); section 1's field pulls from x+12."""
+    images = np.stack([sample_section(0)[:256, :256], sample_section(1)[:256, :256]])
+    images[1, 40:80, 60:100] = 0
+    src = create_from_info(str(tmp_path / "src"), make_image_info(dtype="uint8", resolution=(4, 4, 50),
+                           size=(256, 256, 2), chunk_xy=128), LayerKind.IMAGE)
+    src.write(BBox((0, 0, 0), (256, 256, 2)), images[:, None])
+    layer = create_layer(str(tmp_path / "field"), like=src, kind=LayerKind.FIELD, max_mip=0, chunk_xy=128)
+    shifts = torch.cat([affine_field(256, 256, translation=(0.0, 0.0)), affine_field(256, 256, translation=(12.0, 0.0))])
+    layer.write(BBox((0, 0, 0), (256, 256, 2)), shifts.numpy())
+    return images
+
+
+def _render_section(tmp_path: Path, z: int, name: str, fill_from: int | None = None) -> np.ndarray:
+    params = RenderParams(mip=0, fill_holes_from=fill_from)
+    region = BBox((0, 0, z), (256, 256, z + 1))
+    layers = prepare_render(str(tmp_path / "src"), str(tmp_path / "field"), str(tmp_path / name), region, params)
+    render(*layers[:3], layers[4], params)
+    return open_layer(str(tmp_path / name), LayerKind.IMAGE).read(region)[0, 0]
+
+
+def test_fill_holes_takes_black_pixels_from_the_section_before(tmp_path: Path) -> None:
+    images = _two_section_layers(tmp_path)
+    plain = _render_section(tmp_path, 1, "plain")
+    first = _render_section(tmp_path, 0, "filled")
+    filled = _render_section(tmp_path, 1, "filled", fill_from=0)
+    holes = plain == 0
+    assert holes[:, 244:].all() and holes[40:80, 48:88].all()  # the border the shift opens, the debris
+    assert (filled[holes] == first[holes]).all() and (filled[holes] > 0).mean() > 0.99
+    assert (filled[~holes] == plain[~holes]).all()  # rendered tissue is untouched
+    assert (first == images[0]).all()
+
+
+def test_fill_holes_refuses_an_unrendered_or_invalid_section(tmp_path: Path) -> None:
+    _two_section_layers(tmp_path)
+    with pytest.raises(InputError, match="section 0 of .* is not rendered"):
+        _render_section(tmp_path, 1, "out", fill_from=0)
+    with pytest.raises(InputError, match="must be another section"):
+        _render_section(tmp_path, 1, "out", fill_from=1)
+    with pytest.raises(InputError, match="must be another section"):
+        _render_section(tmp_path, 1, "out", fill_from=5)
+    params = RenderParams(mip=0, fill_holes_from=0)
+    with pytest.raises(InputError, match="one section at a time"):
+        prepare_render(str(tmp_path / "src"), str(tmp_path / "field"), str(tmp_path / "out"), None, params)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import fields
 from ..devices import resolve_device
-from ..errors import DisplacementTooLarge, InputError
+from ..errors import DisplacementTooLarge, InputError, LayerError
 from ..geometry import BBox, RegionRequest, reach_beyond, requested_region
 from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
@@ -56,6 +56,10 @@ class RenderParams:
     # warp, and how many chunks are read (and written) at once.
     compute_threads: int | None = None
     io_threads: int | None = None
+    # A section of the destination, already rendered, whose pixels replace this render's black ones
+    # (outside the source, cracks, debris, masked defects): a block target whose holes do not steer
+    # the fields of later sections (docs/workflow.md, "Filled targets").
+    fill_holes_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class SourceWindow:
     image: torch.Tensor
     origin: BBox  # where `image` sits in the source volume
     mask: torch.Tensor | None
+    holes_from: np.ndarray | None = None  # the destination's fill section at this chunk, (z, c, y, x)
 
 
 Extent = tuple[float, float, float, float]  # min x, max x, min y, max y of a displacement, px
@@ -186,6 +191,24 @@ def to_layer_dtype(out: torch.Tensor, dtype: str) -> np.ndarray:
     return to_numpy(out, dtype)
 
 
+def fill_holes(rendered: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """`rendered` with its black (zero) pixels taken from `previous`, in place; the same shape."""
+    holes = rendered == 0
+    rendered[holes] = previous[holes]
+    return rendered
+
+
+def read_fill_section(dst: Layer, chunk: BBox, z: int) -> np.ndarray:
+    """The destination's section `z` over this chunk's xy, which must be rendered already."""
+    try:
+        return dst.read(chunk.with_z(z))
+    except LayerError:
+        raise InputError(
+            f"--fill-holes-from {z}: section {z} of {dst.path} is not rendered in {chunk.with_z(z)}; render "
+            f"that section first (the plan orders it before this one)"
+        ) from None
+
+
 def render(
     src: Layer,
     field: Layer,
@@ -214,10 +237,14 @@ def render(
             )
         image = image_tensor(src.read(origin), device)
         defects = read_mask(mask, origin, mask_mip, device) if mask is not None else None
-        return SourceWindow(displacement, image, origin, defects)
+        holes_from = None
+        if params.fill_holes_from is not None:
+            holes_from = read_fill_section(dst, chunk, params.fill_holes_from)
+        return SourceWindow(displacement, image, origin, defects, holes_from)
 
     def compute(chunk: BBox, window: SourceWindow) -> np.ndarray:
-        return to_layer_dtype(render_chunk(window, chunk, in_place=True), dst.dtype)
+        rendered = to_layer_dtype(render_chunk(window, chunk, in_place=True), dst.dtype)
+        return rendered if window.holes_from is None else fill_holes(rendered, window.holes_from)
 
     progress = Progress("render", len(chunks), interval=progress_interval)
     layers = (src, field, dst, mask) if mask is not None else (src, field, dst)
@@ -226,6 +253,8 @@ def render(
                compute_threads=compute_threads, io_threads=io_threads)
     report = progress.close()
     report.details.update({"mip": params.mip, "field_mip": field_mip, "sections": len(region.z_range)})
+    if params.fill_holes_from is not None:
+        report.details["holes_filled_from"] = params.fill_holes_from
     return report
 
 
@@ -282,7 +311,21 @@ def prepare_render(
     check_within(field, region.to_mip(field_mip, field.factors), "--field")
     if field_mip < params.mip:
         raise InputError(f"--field-mip {field_mip} is finer than --mip {params.mip}; it must be equal or coarser")
+    _check_fill_section(params.fill_holes_from, region, src)
     check_processing_chunk(params.chunk_xy, chunk_storage or src.chunk_size(0)[0])
     dst = create_layer(dst_path, like=src, kind=LayerKind.IMAGE, max_mip=max(src.mips), dtype=src.dtype,
                        chunk_xy=chunk_storage)
     return src, field, dst, mask, region
+
+
+def _check_fill_section(z: int | None, region: BBox, src: Layer) -> None:
+    """--fill-holes-from names one other section of the volume, and the render is of one section."""
+    if z is None:
+        return
+    if len(region.z_range) != 1:
+        raise InputError(f"--fill-holes-from fills one rendered section from another: render one section at a "
+                         f"time (the region spans z {region.start[2]}:{region.stop[2]})")
+    bounds = src.bounds(region.mip)
+    if z == region.start[2] or not bounds.start[2] <= z < bounds.stop[2]:
+        raise InputError(f"--fill-holes-from {z} must be another section of the volume "
+                         f"(z {bounds.start[2]}:{bounds.stop[2]}), not the rendered one ({region.start[2]})")
