@@ -172,8 +172,13 @@ def neighbour_correlation(stack: torch.Tensor) -> float:
     return float(np.mean(rs))
 
 
+FILLED = "+filled"  # a method suffix: the chain's targets have their holes filled (the workflow's default)
+
+
 def method_estimator(method: str, stages_json: str | None = None):
-    """'tvl1', 'seamless' (the --stages-preset or --stages-json spec) or 'seamless:PRESET'."""
+    """'tvl1', 'seamless' (the --stages-preset or --stages-json spec) or 'seamless:PRESET', each
+    optionally with FILLED (which changes the chain, not the estimator)."""
+    method = method.removesuffix(FILLED)
     if method == "tvl1":
         return field_tvl1
     name, _, preset_name = method.partition(":")
@@ -192,8 +197,9 @@ def evaluate(method: str, stack: torch.Tensor, deformed: torch.Tensor, stages_js
              threads: int = 1) -> dict[str, float]:
     torch.set_num_threads(threads)
     estimate = method_estimator(method, stages_json)
-    from_deformed, seconds_a = serial_align(deformed, estimate)
-    from_published, seconds_b = serial_align(stack, estimate)
+    filled = method.endswith(FILLED)
+    from_deformed, seconds_a = serial_align(deformed, estimate, fill_targets=filled)
+    from_published, seconds_b = serial_align(stack, estimate, fill_targets=filled)
     robust, robust_rejected, robust_every = [], 0, []
     drift, drift_rejected, drift_measured = [], 0, 0
     for z in range(1, stack.shape[0]):
@@ -231,7 +237,9 @@ def table(results: dict[str, dict[str, float]], n: int, threads: int) -> str:
         f"torch {torch.__version__}, {threads} thread(s) per method. Shifts: phase correlation "
         f"(phase-normalised, Hann window, low-pass {BAND} cycles/px) of {PATCH} px patches every {STEP} px, peaks below {MIN_PEAK} "
         "rejected (share given); the next column keeps every tissue patch (its argmax, however weak the peak): "
-        "a high rejected share means the two results differ non-rigidly, and there that column is the honest one.",
+        "a high rejected share means the two results differ non-rigidly, and there that column is the honest one. "
+        f"`{FILLED}`: each target's black pixels are filled from the target before it, as the workflow's block "
+        "renders are (`blocks.fill_targets`, on by default).",
         "",
         "| method | robustness median / p95 / max px (target ≤ 2 / ≤ 5) | rejected | robustness, every patch, "
         "median / p95 px | neighbour corr. ratio, published stack (0.95–1.3) | same, deformed stack "
@@ -254,7 +262,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=30)
     parser.add_argument("--methods", default="seamless,tvl1",
-                        help="comma-separated: tvl1, seamless (uses --stages-preset), seamless:PRESET")
+                        help="comma-separated: tvl1, seamless (uses --stages-preset), seamless:PRESET; a "
+                             f"'{FILLED}' suffix fills the chain's targets' holes as the workflow does "
+                             "(blocks.fill_targets)")
     parser.add_argument("--stages-preset", default="serial", choices=sorted(PRESETS),
                         help="stage preset of the 'seamless' method (seamless_core.estimators.spec.PRESETS)")
     parser.add_argument("--stages-json", help="a stage spec as JSON for 'seamless' (overrides --stages-preset)")
