@@ -170,7 +170,7 @@ def test_fill_holes_takes_black_pixels_from_the_section_before(tmp_path: Path) -
 
 def test_fill_holes_refuses_an_unrendered_or_invalid_section(tmp_path: Path) -> None:
     _two_section_layers(tmp_path)
-    with pytest.raises(InputError, match="section 0 of .* is not rendered"):
+    with pytest.raises(InputError, match="section 0 of .* is not rendered .*missing chunk"):
         _render_section(tmp_path, 1, "out", fill_from=0)
     with pytest.raises(InputError, match="must be another section"):
         _render_section(tmp_path, 1, "out", fill_from=1)

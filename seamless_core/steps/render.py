@@ -202,10 +202,10 @@ def read_fill_section(dst: Layer, chunk: BBox, z: int) -> np.ndarray:
     """The destination's section `z` over this chunk's xy, which must be rendered already."""
     try:
         return dst.read(chunk.with_z(z))
-    except LayerError:
+    except LayerError as exc:
         raise InputError(
-            f"--fill-holes-from {z}: section {z} of {dst.path} is not rendered in {chunk.with_z(z)}; render "
-            f"that section first (the plan orders it before this one)"
+            f"--fill-holes-from {z}: section {z} of {dst.path} is not rendered (or not readable) in "
+            f"{chunk.with_z(z)}; render that section first (the plan orders it before this one). {exc}"
         ) from None
 
 
