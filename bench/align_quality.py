@@ -64,10 +64,17 @@ def load_stack(n: int) -> torch.Tensor:
                         for z in range(n)])[:, None]
 
 
-def deformed_stack(stack: torch.Tensor) -> torch.Tensor:
+DRAW = 1000  # the seed base of the deformations every recorded figure uses (section z: seed DRAW + z)
+
+
+def deformed_stack(stack: torch.Tensor, seed_base: int = DRAW) -> torch.Tensor:
+    """Section 0 untouched, every other section z deformed independently with seed seed_base + z.
+
+    The chains are chaotic, so one draw of deformations is one sample: other seed bases show the spread
+    (docs/estimators.md, "How much one draw says")."""
     out = [stack[0]]
     for z in range(1, stack.shape[0]):
-        out.append(synthetic.deformed_copy(stack[z : z + 1], seed=1000 + z)["deformed"][0])
+        out.append(synthetic.deformed_copy(stack[z : z + 1], seed=seed_base + z)["deformed"][0])
     return torch.stack(out)
 
 
@@ -274,10 +281,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--include-json", type=Path, action="append", default=[],
                         help="add the figures of an earlier --json run (same --sections) to the table")
+    parser.add_argument("--seed-base", type=int, default=DRAW,
+                        help=f"deformation draw: section z is deformed with seed SEED_BASE + z (recorded: {DRAW})")
     args = parser.parse_args()
+    if args.out and args.seed_base != DRAW:
+        parser.error(f"--out records the acceptance draw only: leave --seed-base at {DRAW} or drop --out")
     torch.set_num_threads(args.threads)
     stack = load_stack(args.sections)
-    deformed = deformed_stack(stack) if args.methods else stack
+    deformed = deformed_stack(stack, args.seed_base) if args.methods else stack
     methods = [f"seamless:{args.stages_preset}" if m == "seamless" and not args.stages_json else m
                for m in args.methods.split(",") if m]  # "" with --include-json: only render the table
     if args.jobs > 1:

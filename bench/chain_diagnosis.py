@@ -20,8 +20,10 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
-Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+lk]] [--k 3]
-     [--vote-blur 2.0] [--chain rendered|filled|compose|template] [--median 0] [--margin 32] [--montage chains.png]
+Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+jitter] [+lk]] [--k 3]
+     [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median]
+     [--chain rendered|filled|compose|template] [--median 0] [--margin 32] [--montage chains.png]
+     [--seed-base 1000]
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def median_at_mip(field: torch.Tensor, window: int, mip: int = 2) -> torch.Tenso
     return fields.resample(patches.reshape(*patches.shape[:4], -1).median(-1).values, mip, 0)
 
 
+def median_vote(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-component median of K >= 3 candidates (K, N, 2, H, W), and their largest spread (a prototype)."""
+    spread = (candidates - candidates.mean(0)).norm(dim=2).amax(0)[:, None]
+    return candidates.median(0).values, spread
+
+
 def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) -> torch.Tensor:
     """Raw-to-raw fields composed along the stack (see --chain compose), each F_z median-filtered."""
     chain = [torch.zeros(1, 2, *stack.shape[-2:])]
@@ -79,9 +87,13 @@ def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=6)
-    parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+lk' to refine (pair_floor.py)")
+    parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+jitter', '+lk' (pair_floor.py)")
     parser.add_argument("--k", type=int, default=3, help="vote targets per section (--chain template: sections averaged into the template)")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
+    parser.add_argument("--vote-temperature", type=float, default=1.0, help="px: the vote's softmin temperature")
+    parser.add_argument("--vote", choices=["softmin", "median"], default="softmin",
+                        help="SEAMLeSS's softmin over majority subsets, or the per-component median of the "
+                        "candidates (continuous in them: no subset switching)")
     parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template"], default="rendered",
                         help="align to rendered sections (with their holes filled), compose raw-to-raw fields, or "
                         "align to a running template of the last K aligned sections (see above)")
@@ -89,13 +101,17 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=32,
                         help="px left out at the section's edges by the patch metric (128: the central 256 px only)")
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
+    parser.add_argument("--seed-base", type=int, default=quality.DRAW,
+                        help="deformation draw: section z is deformed with seed SEED_BASE + z (the recorded figures: "
+                        f"{quality.DRAW}); other draws show how much one draw says")
     args = parser.parse_args()
     torch.set_num_threads(1)
     estimate = pair_floor.estimator(args.stages)
-    quality.vector_vote = lambda c, temperature, blur_sigma: vector_vote(  # the bench's vote, blur as asked
-        c, temperature=temperature, blur_sigma=args.vote_blur)
+    quality.vector_vote = lambda c, temperature, blur_sigma: (  # the bench's vote, as asked
+        median_vote(c) if args.vote == "median" and c.shape[0] >= 3
+        else vector_vote(c, temperature=args.vote_temperature, blur_sigma=args.vote_blur))
     stack = quality.load_stack(args.sections)
-    deformed = quality.deformed_stack(stack)
+    deformed = quality.deformed_stack(stack, args.seed_base)
 
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],

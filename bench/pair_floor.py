@@ -12,13 +12,14 @@ the pair over the published pair: near 1 for an aligner of an already aligned st
 that morphs a section into its neighbour. docs/estimators.md tabulates both for the stage specs tried.
 
 Run: .venv/bin/python bench/pair_floor.py [--sections 1,3,5,7] NAME=SPEC [NAME=SPEC ...]
-     (SPEC: a preset name, e.g. serial or exact, or a JSON stage list; "+lk" after it refines each
-     field with bench/patch_lk.py's prototype)
+     (SPEC: a preset name, e.g. serial or exact, or a JSON stage list; "+jitter" after it runs block
+     matching jittered, bench/jitter.py's prototype; "+lk" last refines each field with bench/patch_lk.py's)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+import jitter  # noqa: E402
 import patch_lk  # noqa: E402
 
 from seamless_core import fields, synthetic  # noqa: E402
@@ -42,12 +44,15 @@ def crack_gap(z: int, size: int) -> np.ndarray:
 
 def estimator(spec_text: str):
     """(moving, reference) -> field for a preset name or a JSON stage list; a trailing "+lk" refines the
-    field with bench/patch_lk.py (a prototype, see there)."""
+    field with bench/patch_lk.py, a trailing "+jitter" runs block matching jittered (bench/jitter.py);
+    both are prototypes, see there."""
     base, lk = (spec_text[: -len("+lk")], True) if spec_text.endswith("+lk") else (spec_text, False)
+    base, jittered = (base[: -len("+jitter")], True) if base.endswith("+jitter") else (base, False)
     spec = parse_stages(PRESETS[base] if base in PRESETS else json.loads(base))
 
     def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        field = quality.field_seamless(moving, reference, spec)
+        with jitter.jittered_block_matching() if jittered else contextlib.nullcontext():
+            field = quality.field_seamless(moving, reference, spec)
         return patch_lk.refine(moving, reference, field) if lk else field
 
     return estimate
