@@ -37,8 +37,9 @@ class SectionRange(_Strict):
 
 class VoteConfig(_Strict):
     k: int = Field(3, ge=1, le=15, description="vote targets per section (odd: a strict majority must exist)")
-    temperature: float = Field(1.0, gt=0, description="softmin temperature, px")
-    blur: float = Field(2.0, ge=0, description="Gaussian sigma over which candidates' agreement is judged, px")
+    temperature: float = Field(1.0, gt=0, description="softmin temperature, px at the field's MIP (the last stage's)")
+    blur: float = Field(2.0, ge=0, description="Gaussian sigma over which candidates' agreement is judged, "
+                                                "px at the field's MIP")
 
     @field_validator("k")
     @classmethod
