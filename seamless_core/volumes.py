@@ -510,20 +510,30 @@ STALE_STAGING_S = 6 * 3600  # no write takes hours: older staging folders belong
 
 
 def clean_stale_staging(layer: Layer, max_age_s: float = STALE_STAGING_S) -> int:
-    """Remove staging folders left by killed writers (file:// only); returns how many were removed."""
+    """Remove staging folders left by killed writers (file:// only); returns how many were removed.
+
+    Other steps write to the same layer meanwhile, and each removes its own staging folder when it is
+    done, so an entry listed here may be gone by the time it is looked at: that is not an error."""
     if layer.scheme != "file":
         return 0
     staging_root = os.path.join(urlparse(layer.path).path, ".staging")
     removed = 0
-    if os.path.isdir(staging_root):
-        now = time.time()
-        for entry in os.scandir(staging_root):
-            if now - entry.stat().st_mtime > max_age_s:
-                if entry.is_dir():
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:  # a small file's staging copy (put_whole)
-                    os.unlink(entry.path)
-                removed += 1
+    try:
+        entries = list(os.scandir(staging_root))
+    except FileNotFoundError:
+        return 0
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime <= max_age_s:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry.path)
+            else:  # a small file's staging copy (put_whole)
+                os.unlink(entry.path)
+        except FileNotFoundError:  # its writer (or another cleaner) removed it first
+            continue
+        removed += 1
     return removed
 
 

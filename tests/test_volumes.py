@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +72,31 @@ def test_stale_staging_is_removed_and_fresh_staging_kept(tmp_path: Path, source)
     os.utime(old, (past, past))
     assert clean_stale_staging(source) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_staging_removed_by_its_writer_during_the_scan_is_skipped(tmp_path: Path, source, monkeypatch) -> None:
+    """Concurrent steps on one layer: a writer removes its own staging folder after the cleaner listed it
+    (seen in CI as a FileNotFoundError from a render's create_layer). The removal happens for real, on disk,
+    between the listing and the look at each entry; only its timing is forced."""
+    staging = tmp_path / "src" / ".staging"
+    vanishing, old = staging / "vanishing", staging / "old"
+    for folder in (vanishing, old):
+        (folder / "4_4_40").mkdir(parents=True)
+    past = time.time() - 7 * 3600
+    for folder in (vanishing, old):
+        os.utime(folder, (past, past))
+    listed = os.scandir
+
+    def scandir_then_writer_finishes(path):  # noqa: ANN001, ANN202 - os.scandir's signature
+        if isinstance(path, int) or os.fspath(path) != str(staging):
+            return listed(path)  # shutil.rmtree lists folders too (by descriptor)
+        entries = list(listed(path))
+        shutil.rmtree(vanishing)  # the writer's own cleanup, after the listing
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_writer_finishes)
+    assert clean_stale_staging(source) == 1
+    assert not old.exists() and not vanishing.exists()
 
 
 def test_writes_must_be_chunk_aligned_and_typed(source) -> None:
