@@ -93,6 +93,13 @@ def summary(per_section: list[np.ndarray]) -> tuple[float, float]:
     return float(np.median(values)), float(np.percentile(values, 95))
 
 
+def figures(run: dict) -> dict:
+    """A deformed run's robustness median / p95 against the block-10 published run, and (`own`) against the
+    published run of its own block size."""
+    median, p95 = summary(run["per_section"])
+    return {"median_px": median, "p95_px": p95, "own": summary(run["own"])}
+
+
 def deformed_runs(root: Path, name: str, deformed: torch.Tensor, published_runs: dict, sections: int, stages: str,
                   workers: int) -> dict[int, dict]:
     """The deformed stack aligned with each block size, measured against the block-10 published run and
@@ -142,13 +149,10 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
             "drift_median_px": float(np.median(drift)), "drift_max_px": float(np.max(drift)),
             "after_boundary_medians_px": {z: float(medians[z - 1]) for z in after_boundary},
             "others_median_px": float(np.nanmedian(medians[[z - 1 for z in others]])),
-            "blocks": {b: dict(zip(("median_px", "p95_px"), summary(r["per_section"])),
-                               own=summary(r["own"]), seconds=r["seconds"]) for b, r in runs.items()},
+            "blocks": {b: {**figures(r), "seconds": r["seconds"]} for b, r in runs.items()},
             "unfilled_px": summary(shifts_per_section(unfilled, unfilled_pub)),
             "seconds_published": t_pub,
-            "draws": {seed: {b: {"median_px": summary(r["per_section"])[0], "p95_px": summary(r["per_section"])[1],
-                                 "own": summary(r["own"])} for b, r in dr.items()}
-                      for seed, dr in draw_runs.items()},
+            "draws": {seed: {b: figures(r) for b, r in dr.items()} for seed, dr in draw_runs.items()},
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
