@@ -17,12 +17,15 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
   template: estimate section z against one target, the mean of the aligned sections z-1..z-K (each
             pixel over the sections with tissue there): a running template, whose anatomy is averaged
             out, instead of a vote over single neighbours.
+  affine:   as filled, but each target is the section rendered through the affine part of its voted
+            field (Cauchy-weighted least squares), plus --median W's median of the rest when W > 1; the
+            output keeps the whole field. Regional wrong matches then never reach a target (a prototype).
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+jitter] [+lk]] [--k 3]
      [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median]
-     [--chain rendered|filled|compose|template] [--median 0] [--margin 32] [--montage chains.png]
+     [--chain rendered|filled|compose|template|affine] [--median 0] [--margin 32] [--montage chains.png]
      [--seed-base 1000]
 """
 
@@ -84,6 +87,42 @@ def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
     return torch.cat(aligned)
 
 
+def affine_part(field: torch.Tensor, valid: torch.Tensor, step: int = 8, scale: float = 2.0,
+                passes: int = 8) -> torch.Tensor:
+    """The dense affine field closest to `field` over the `valid` pixels: least squares reweighted by
+    Cauchy weights of `scale` px, so that regions of wrong matches do not pull it (a prototype)."""
+    h, w = field.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    design = torch.stack([xs, ys, torch.ones_like(xs)], -1)  # (H, W, 3)
+    pick = valid[::step, ::step]
+    a = design[::step, ::step][pick]
+    u = field[0].permute(1, 2, 0).double()[::step, ::step][pick]
+    weights = torch.ones(a.shape[0], dtype=torch.float64)
+    for _ in range(passes):
+        root = weights.sqrt()[:, None]
+        beta = torch.linalg.lstsq(a * root, u * root).solution
+        residual = (u - a @ beta).norm(dim=1)
+        weights = 1.0 / (1.0 + (residual / scale) ** 2)
+    return (design @ beta).permute(2, 0, 1)[None].float()
+
+
+def affine_targets_align(stack: torch.Tensor, estimate, k_targets: int, window: int = 0) -> torch.Tensor:
+    """As --chain filled, but each target is the section rendered through the affine part of its voted
+    field only: the output keeps the whole field, the next steps see no local correction (a prototype)."""
+    aligned, targets = [stack[0:1]], [stack[0:1]]
+    for z in range(1, stack.shape[0]):
+        chosen = [targets[z - k] for k in range(1, min(k_targets, z) + 1)]
+        candidates = torch.stack([estimate(stack[z : z + 1], t) for t in chosen])
+        field = (quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)[0] if len(chosen) >= 3
+                 else candidates[0])
+        aligned.append(fields.warp(stack[z : z + 1], field))
+        valid = (aligned[z][0, 0] > 0) & (chosen[0][0, 0] > 0)
+        affine = affine_part(field, valid)
+        target = fields.warp(stack[z : z + 1], affine + median_at_mip(field - affine, window))
+        targets.append(quality.fill_missing(target, targets[z - 1]))
+    return torch.cat(aligned)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=6)
@@ -94,10 +133,12 @@ def main() -> None:
     parser.add_argument("--vote", choices=["softmin", "median"], default="softmin",
                         help="SEAMLeSS's softmin over majority subsets, or the per-component median of the "
                         "candidates (continuous in them: no subset switching)")
-    parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template"], default="rendered",
-                        help="align to rendered sections (with their holes filled), compose raw-to-raw fields, or "
-                        "align to a running template of the last K aligned sections (see above)")
-    parser.add_argument("--median", type=int, default=0, help="--chain compose: median window at MIP 2 (0 = none)")
+    parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template", "affine"], default="rendered",
+                        help="align to rendered sections (with their holes filled), compose raw-to-raw fields, "
+                        "align to a running template of the last K aligned sections, or to targets rendered "
+                        "through their field's affine part (see above)")
+    parser.add_argument("--median", type=int, default=0, help="--chain compose: median window at MIP 2 (0 = none); --chain affine: the targets' "
+                        "field is the affine part plus this median of the rest")
     parser.add_argument("--margin", type=int, default=32,
                         help="px left out at the section's edges by the patch metric (128: the central 256 px only)")
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
@@ -118,6 +159,7 @@ def main() -> None:
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
         "template": lambda s: template_align(s, estimate, args.k),
         "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
+        "affine": lambda s: affine_targets_align(s, estimate, args.k, args.median),
     }
     from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")
