@@ -626,4 +626,4 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
 
 
-from . import cli_workflow  # noqa: E402,F401  (registers init, plan, align)
+from . import cli_backfill, cli_workflow  # noqa: E402,F401  (register backfill; init, plan, align)

@@ -5,7 +5,7 @@ them (seamless_core.block_runs: block b = 2000-01-01 + b days), prints the `airf
 command line and runs it (`--print-only`: print it and stop). No Airflow import: it runs the `airflow`
 command of the current environment (AIRFLOW_HOME etc. as the caller set them).
 
-Registered as `seamless backfill` when seamless_core.cli imports this module; until then
+Registered as `seamless backfill` by seamless_core.cli (which imports this module at its end);
 `python -m seamless_core.cli_backfill PROJECT --z A:B` runs the same command.
 """
 

@@ -97,12 +97,16 @@ def test_blocks_map_to_dates_keys_and_section_ranges(tmp_path) -> None:
 def test_backfill_helper_prints_the_airflow_command_and_refuses_bad_ranges(tmp_path) -> None:
     path = project(tmp_path, 25)
 
-    def helper(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "seamless_core.cli_backfill", *args], capture_output=True,
-                              text=True, timeout=120, check=False, env={**os.environ, "SEAMLESS_PROJECT": str(path)})
+    def helper(*args: str, command: tuple[str, ...] = (str(Path(sys.executable).with_name("seamless")), "backfill")
+               ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, check=False,
+                              env={**os.environ, "SEAMLESS_PROJECT": str(path)})
 
     shown = helper("--z", "12:22", "--reprocess", "completed", "--print-only")
     assert shown.returncode == 0, shown.stderr
+    as_module = helper("--z", "12:22", "--reprocess", "completed", "--print-only",
+                       command=(sys.executable, "-m", "seamless_core.cli_backfill"))
+    assert (as_module.returncode, as_module.stdout) == (0, shown.stdout)
     assert "sections 11-20 (block 1)" in shown.stdout and "sections 21-24 (block 2)" in shown.stdout
     assert ("airflow backfill create --dag-id seamless_align_blocks --from-date 2000-01-02T00:00:00+00:00 "
             "--to-date 2000-01-03T00:00:00+00:00 --reprocess-behavior completed") in shown.stdout

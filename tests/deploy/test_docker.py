@@ -287,6 +287,19 @@ def test_airflow_image_install_resolves(tmp_path: Path) -> None:
     assert "torch" not in resolved and not any(n.startswith("nvidia-") for n in resolved)
 
 
+def test_the_chart_points_airflow_at_the_plugins_the_image_ships() -> None:
+    """The timetable plugin must be in Airflow's plugins folder in every component, or the scheduler cannot
+    deserialize seamless_align_blocks: the image COPYs plugins/ to the folder the chart configures."""
+    copies = [args.split() for word, args, _ in instructions(AIRFLOW) if word == "COPY"]
+    (destination,) = [a[-1] for a in copies if a[-2].rstrip("/") == "plugins"]
+    values = yaml.safe_load((REPO / "helm" / "seamless-airflow" / "values.yaml").read_text())["airflow"]
+    folder = values["config"]["core"]["plugins_folder"]
+    assert destination.rstrip("/") == folder, (destination, folder)
+    assert "AIRFLOW__CORE__PLUGINS_FOLDER" not in yaml.safe_dump(values)  # an env var would override the config
+    shipped = {p.name for p in (REPO / "plugins").glob("*.py")}
+    assert {"seamless_timetables.py", "seamless_links.py"} <= shipped
+
+
 def test_airflow_versions_agree() -> None:
     """The Airflow image tag, the chart's airflowVersion, pyproject's range and any constraints pin agree."""
     (image,) = from_images(AIRFLOW)

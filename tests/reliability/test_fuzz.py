@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_steps import make_layer
 
-import seamless_core.cli_backfill  # noqa: F401  (registers `backfill`, as `python -m seamless_core.cli_backfill` does)
+import seamless_core.cli_backfill  # noqa: F401  (`backfill`: seamless_core.cli registers it too)
 from seamless_core.cli import main, run_command
 from seamless_core.config import check_against_source, parse_config
 from seamless_core.errors import ExitCode, InputError
