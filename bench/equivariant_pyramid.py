@@ -38,15 +38,11 @@ import align_quality as quality  # noqa: E402
 from seamless_core import fields  # noqa: E402
 from seamless_core.estimators.pyramid import normalise  # noqa: E402
 from seamless_core.models.archive import load_archive, save_archive  # noqa: E402
-from seamless_core.train import (Deformations, PairSampler, _deformation, _dihedral, _lr_at,  # noqa: E402
+from seamless_core.train import (Deformations, PairSampler, _deformation, _dihedral, _epe, _lr_at,  # noqa: E402
                                  compute_loss)
 
 COMMITTED = Path(__file__).resolve().parents[1] / "seamless_core" / "models" / "pyramid-isbi2012-v1"
 BORDER = 8  # px at the training MIP left out of the equivariance terms (fields there see padding)
-
-
-def _epe(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return ((a - b).square().sum(1, keepdim=True).add(1e-6).sqrt() * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def _deformed(window: torch.Tensor, g: torch.Generator, d: Deformations) -> tuple[torch.Tensor, torch.Tensor,
