@@ -94,12 +94,14 @@ def fill_missing(section: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     return torch.where(section > 0, section, previous)
 
 
-def serial_align(stack: torch.Tensor, estimate, k_targets: int = 3, *,
-                 fill_targets: bool = False) -> tuple[torch.Tensor, float]:
+def serial_align(stack: torch.Tensor, estimate, k_targets: int = 3, *, fill_targets: bool = False,
+                 target_field=None) -> tuple[torch.Tensor, float]:
     """Each section aligned onto the K aligned sections before it (voted when K >= 3).
 
     fill_targets: the targets' missing pixels (black borders, crack gaps, debris) are taken from the
     target before them; the returned sections stay as rendered (bench/chain_diagnosis.py --chain filled).
+    target_field(field, aligned section, its first target) -> the field the section is rendered through
+    as a target of later sections (default: its own field; bench/chain_diagnosis.py --chain affine).
     """
     aligned, targets = [stack[0:1]], [stack[0:1]]
     start = time.perf_counter()
@@ -111,7 +113,9 @@ def serial_align(stack: torch.Tensor, estimate, k_targets: int = 3, *,
         else:
             field = candidates[0]
         aligned.append(fields.warp(stack[z : z + 1], field))
-        targets.append(fill_missing(aligned[z], targets[z - 1]) if fill_targets else aligned[z])
+        target = aligned[z] if target_field is None else fields.warp(stack[z : z + 1],
+                                                                     target_field(field, aligned[z], chosen[0]))
+        targets.append(fill_missing(target, targets[z - 1]) if fill_targets else target)
     return torch.cat(aligned), time.perf_counter() - start
 
 

@@ -106,21 +106,13 @@ def affine_part(field: torch.Tensor, valid: torch.Tensor, step: int = 8, scale: 
     return (design @ beta).permute(2, 0, 1)[None].float()
 
 
-def affine_targets_align(stack: torch.Tensor, estimate, k_targets: int, window: int = 0) -> torch.Tensor:
-    """As --chain filled, but each target is the section rendered through the affine part of its voted
-    field only: the output keeps the whole field, the next steps see no local correction (a prototype)."""
-    aligned, targets = [stack[0:1]], [stack[0:1]]
-    for z in range(1, stack.shape[0]):
-        chosen = [targets[z - k] for k in range(1, min(k_targets, z) + 1)]
-        candidates = torch.stack([estimate(stack[z : z + 1], t) for t in chosen])
-        field = (quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)[0] if len(chosen) >= 3
-                 else candidates[0])
-        aligned.append(fields.warp(stack[z : z + 1], field))
-        valid = (aligned[z][0, 0] > 0) & (chosen[0][0, 0] > 0)
-        affine = affine_part(field, valid)
-        target = fields.warp(stack[z : z + 1], affine + median_at_mip(field - affine, window))
-        targets.append(quality.fill_missing(target, targets[z - 1]))
-    return torch.cat(aligned)
+def affine_targets(window: int):
+    """serial_align's target_field for --chain affine: the voted field's affine part (fitted where the
+    section and its first target have tissue) plus the window x window median of the rest at MIP 2."""
+    def target_field(field: torch.Tensor, aligned: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        affine = affine_part(field, (aligned[0, 0] > 0) & (target[0, 0] > 0))
+        return affine + median_at_mip(field - affine, window)
+    return target_field
 
 
 def main() -> None:
@@ -159,7 +151,8 @@ def main() -> None:
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
         "template": lambda s: template_align(s, estimate, args.k),
         "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
-        "affine": lambda s: affine_targets_align(s, estimate, args.k, args.median),
+        "affine": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True,
+                                                 target_field=affine_targets(args.median))[0],
     }
     from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")

@@ -36,24 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
 
 from seamless_core import fields  # noqa: E402
-from seamless_core.estimators.pyramid import normalise  # noqa: E402
+from seamless_core.models import DEFAULT_ARCHIVE  # noqa: E402
 from seamless_core.models.archive import load_archive, save_archive  # noqa: E402
-from seamless_core.train import (Deformations, PairSampler, _deformation, _dihedral, _epe, _lr_at,  # noqa: E402
-                                 compute_loss)
+from seamless_core.train import (PairSampler, _deformation, _dihedral, _epe, _lr_at, compute_loss, deform,  # noqa: E402
+                                 masked_mse)
 
-COMMITTED = Path(__file__).resolve().parents[1] / "seamless_core" / "models" / "pyramid-isbi2012-v1"
 BORDER = 8  # px at the training MIP left out of the equivariance terms (fields there see padding)
-
-
-def _deformed(window: torch.Tensor, g: torch.Generator, d: Deformations) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
-    """(deformed window, its pull field from the window, True off the crack's gap)."""
-    glob, crack = _deformation(window.shape[-1], g, d)
-    if crack is None:
-        return fields.warp(window, glob), glob, torch.ones_like(window, dtype=torch.bool)
-    crack_f, gap = crack
-    cracked = fields.warp(window, crack_f).masked_fill(gap, 0.0)
-    return fields.warp(cracked, glob), fields.compose(glob, crack_f), ~fields.warp_mask(gap, glob)
 
 
 def neighbour_batch(sampler: PairSampler, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -66,8 +54,8 @@ def neighbour_batch(sampler: PairSampler, batch: int, g: torch.Generator) -> dic
         y0 = int(torch.randint(0, sampler.h - p + 1, (), generator=g))
         k = int(torch.randint(0, 8, (), generator=g))
         s, t = _dihedral(sampler._window(z, x0, y0), k), _dihedral(sampler._window(z - 1, x0, y0), k)
-        ds, fs, ok_s = _deformed(s, g, sampler.deform)
-        dt, ft, ok_t = _deformed(t, g, sampler.deform)
+        ds, fs, ok_s = deform(s, *_deformation(s.shape[-1], g, sampler.deform))
+        dt, ft, ok_t = deform(t, *_deformation(t.shape[-1], g, sampler.deform))
         for key, value in (("s", s), ("t", t), ("ds", ds), ("dt", dt), ("fs", fs), ("ft", ft),
                            ("ok_s", ok_s), ("ok_t", ok_t)):
             rows[key].append(value[inner])
@@ -86,12 +74,7 @@ def equivariance_loss(model, nb: dict[str, torch.Tensor], smoothness: float, mse
     w_t = (inside & (nb["dt"] > 0) & nb["ok_t"]).float()
     source = _epe(fields.compose(f_s, nb["fs"]), f_p, w_s)
     target = _epe(f_t, fields.compose(nb["ft"], f_p), w_t)
-    src_n, _ = normalise(nb["s"])
-    tgt_n, tgt_mask = normalise(nb["t"])
-    with torch.no_grad():
-        coords = fields.pixel_grid(h, w) + f_p
-        valid = tgt_mask * (~fields.sample_mask(nb["s"] <= 0, coords, rule="any")).float()
-    mse = ((fields.warp(src_n, f_p) - tgt_n).square() * valid).sum() / valid.sum().clamp_min(1.0)
+    mse, _ = masked_mse(nb["s"], nb["t"], f_p)
     loss = source + target + mse_weight * mse + smoothness * fields.smoothness(f_p)
     return loss, {"eq_source": source.item(), "eq_target": target.item(), "nb_mse": mse.item()}
 
@@ -111,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", RuntimeWarning)  # field inversion across cracks (masked in the loss)
-    loaded = load_archive(COMMITTED)
+    loaded = load_archive(DEFAULT_ARCHIVE)
     model = loaded.model.train().requires_grad_(True)  # loaded for inference
     mip = loaded.mip or 2
     sections = F.avg_pool2d(quality.load_stack(30), 2**mip)
@@ -135,7 +118,7 @@ def main() -> None:
             print(f"step {step}: epe {stats.get('epe', float('nan')):.3f} px, "
                   + ", ".join(f"{k} {v:.3f}" for k, v in nstats.items())
                   + f", {time.perf_counter() - start:.0f} s", flush=True)
-    training = {"command": " ".join(sys.argv), "base": str(COMMITTED), "prototype": "bench/equivariant_pyramid.py",
+    training = {"command": " ".join(sys.argv), "base": str(DEFAULT_ARCHIVE), "prototype": "bench/equivariant_pyramid.py",
                 **{k: v for k, v in vars(args).items() if k != "out"}, "seconds": time.perf_counter() - start}
     save_archive(args.out, model.eval(), loaded.config, json.loads(json.dumps(training, default=str)), mip=mip)
     print(f"archive: {args.out}")

@@ -144,6 +144,17 @@ def _deformation(size: int, g: torch.Generator, d: Deformations) -> tuple[torch.
     return glob, crack
 
 
+def deform(image: torch.Tensor, glob: torch.Tensor, crack: tuple[torch.Tensor, torch.Tensor] | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(deformed image, its pull field from `image`, True off the crack's gap in the deformed frame)."""
+    if crack is None:
+        return fields.warp(image, glob), glob, torch.ones_like(image, dtype=torch.bool)
+    crack_f, gap = crack
+    cracked = fields.warp(image, crack_f).masked_fill(gap, 0.0)
+    # = warp(image, total) off the crack's gap
+    return fields.warp(cracked, glob), fields.compose(glob, crack_f), ~fields.warp_mask(gap, glob)
+
+
 @dataclass
 class Batch:
     src: torch.Tensor  # (B, 1, P, P)
@@ -185,14 +196,7 @@ class PairSampler:
             y0 = int(torch.randint(0, self.h - p + 1, (), generator=g))
             k = int(torch.randint(0, 8, (), generator=g))
             image = _dihedral(self._window(z, x0, y0), k)
-            glob, crack = _deformation(size, g, self.deform)
-            if crack is not None:
-                crack_f, gap = crack
-                cracked = fields.warp(image, crack_f).masked_fill(gap, 0.0)
-                total = fields.compose(glob, crack_f)
-            else:
-                cracked, total = image, glob
-            deformed = fields.warp(cracked, glob)  # = warp(image, total) off the crack's gap
+            deformed, total, _ = deform(image, *_deformation(size, g, self.deform))
             if neighbour:
                 src, tgt = deformed, _dihedral(self._window(z - 1, x0, y0), k)
                 truth, valid = torch.zeros_like(total), torch.zeros_like(image, dtype=torch.bool)
@@ -227,19 +231,26 @@ def _epe(pred: torch.Tensor, truth: torch.Tensor, weight: torch.Tensor) -> torch
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def compute_loss(model: PyramidNet, batch: Batch, smoothness_weight: float, epe_weight: float
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    src, tgt = batch.src, batch.tgt
+def masked_mse(src: torch.Tensor, tgt: torch.Tensor, field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE of warp(src, field) against tgt, both normalised over their tissue, on the target's tissue;
+    True where the source sample touches black): black source pixels never attract the field."""
     h, w = src.shape[-2:]
-    levels = model(src, tgt, return_levels=True)
-    field = levels[-1][..., :h, :w]
     src_n, _ = normalise(src)
     tgt_n, tgt_mask = normalise(tgt)
     with torch.no_grad():
         coords = fields.pixel_grid(h, w, device=field.device) + field
         src_bad = fields.sample_mask(src <= 0, coords, rule="any")
         mse_w = tgt_mask * (~src_bad).to(tgt_mask.dtype)
-    mse = ((fields.warp(src_n, field) - tgt_n).square() * mse_w).sum() / mse_w.sum().clamp_min(1.0)
+    return ((fields.warp(src_n, field) - tgt_n).square() * mse_w).sum() / mse_w.sum().clamp_min(1.0), src_bad
+
+
+def compute_loss(model: PyramidNet, batch: Batch, smoothness_weight: float, epe_weight: float
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    src, tgt = batch.src, batch.tgt
+    h, w = src.shape[-2:]
+    levels = model(src, tgt, return_levels=True)
+    field = levels[-1][..., :h, :w]
+    mse, src_bad = masked_mse(src, tgt, field)
     smooth = fields.smoothness(field)
     loss = mse + smoothness_weight * smooth
     stats = {"mse": mse.item(), "smooth": smooth.item()}
