@@ -24,7 +24,7 @@ The table gives, per section, the patches that pass the peak test and all patche
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+jitter] [+lk]] [--k 3]
-     [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median]
+     [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median|mean]
      [--chain rendered|filled|compose|template|affine] [--median 0] [--margin 32] [--montage chains.png]
      [--seed-base 1000]
 """
@@ -122,9 +122,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="vote targets per section (--chain template: sections averaged into the template)")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
     parser.add_argument("--vote-temperature", type=float, default=1.0, help="px: the vote's softmin temperature")
-    parser.add_argument("--vote", choices=["softmin", "median"], default="softmin",
-                        help="SEAMLeSS's softmin over majority subsets, or the per-component median of the "
-                        "candidates (continuous in them: no subset switching)")
+    parser.add_argument("--vote", choices=["softmin", "median", "mean"], default="softmin",
+                        help="SEAMLeSS's softmin over majority subsets, the per-component median of the "
+                        "candidates (continuous in them: no subset switching), or their plain mean")
     parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template", "affine"], default="rendered",
                         help="align to rendered sections (with their holes filled), compose raw-to-raw fields, "
                         "align to a running template of the last K aligned sections, or to targets rendered "
@@ -142,6 +142,7 @@ def main() -> None:
     estimate = pair_floor.estimator(args.stages)
     quality.vector_vote = lambda c, temperature, blur_sigma: (  # the bench's vote, as asked
         median_vote(c) if args.vote == "median" and c.shape[0] >= 3
+        else (c.mean(0), None) if args.vote == "mean"
         else vector_vote(c, temperature=args.vote_temperature, blur_sigma=args.vote_blur))
     stack = quality.load_stack(args.sections)
     deformed = quality.deformed_stack(stack, args.seed_base)
