@@ -42,6 +42,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+import link_solve  # noqa: E402
 import pair_floor  # noqa: E402
 
 from seamless_core import fields  # noqa: E402
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--vote", choices=["softmin", "median", "mean"], default="softmin",
                         help="SEAMLeSS's softmin over majority subsets, the per-component median of the "
                         "candidates (continuous in them: no subset switching), or their plain mean")
-    parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template", "affine"], default="rendered",
+    parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template", "affine", "solve"], default="rendered",
                         help="align to rendered sections (with their holes filled), compose raw-to-raw fields, "
                         "align to a running template of the last K aligned sections, or to targets rendered "
                         "through their field's affine part (see above)")
@@ -133,12 +134,13 @@ def main() -> None:
                         "field is the affine part plus this median of the rest")
     parser.add_argument("--margin", type=int, default=32,
                         help="px left out at the section's edges by the patch metric (128: the central 256 px only)")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--montage", type=Path, help="write both aligned stacks side by side (PNG/JPEG)")
     parser.add_argument("--seed-base", type=int, default=quality.DRAW,
                         help="deformation draw: section z is deformed with seed SEED_BASE + z (the recorded figures: "
                         f"{quality.DRAW}); other draws show how much one draw says")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     estimate = pair_floor.estimator(args.stages)
     quality.vector_vote = lambda c, temperature, blur_sigma: (  # the bench's vote, as asked
         median_vote(c) if args.vote == "median" and c.shape[0] >= 3
@@ -152,6 +154,7 @@ def main() -> None:
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
         "template": lambda s: template_align(s, estimate, args.k),
         "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
+        "solve": lambda s: link_solve.solve_align(s, estimate, args.k, args.stages),
         "affine": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True,
                                                  target_field=affine_targets(args.median))[0],
     }
