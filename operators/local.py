@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from .figures import StepFigures
 from .links import NeuroglancerLink
 from .settings import ENV_VARIABLE as SETTINGS_ENV
 from .step_args import checked_step, with_retry_defaults
@@ -228,11 +229,13 @@ class SeamlessLocalOperator(_Planned, BaseOperator):
     def command(self, argv: list[str]) -> list[str]:
         return [sys.executable, "-m", "seamless_core", *argv]
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        """Run the step; return its figures (operators.figures), which Airflow keeps as the task's XCom."""
         argv = self.resolved_step(context)
         cmd = self.command(argv)
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         tail: deque[str] = deque(maxlen=20)
+        figures = StepFigures()
         from seamless_core import warm
 
         proc: subprocess.Popen[str] | WarmProcess | None = None
@@ -251,12 +254,13 @@ class SeamlessLocalOperator(_Planned, BaseOperator):
         for line in proc.stdout:  # streamed as they come, stdout and stderr in order
             line = line.rstrip("\n")
             tail.append(line)
+            figures.feed(line)
             self.log.info("%s", line)
         proc.stdout.close()
         code = proc.wait()
         self._proc = None
         if code == 0:
-            return
+            return figures.xcom()
         last = next((t for t in reversed(tail) if t.strip()), "")
         meaning = NOT_RETRIED.get(code) or EXIT_MEANING.get(code, "failed")
         message = f"seamless {self.subcommand(argv) or argv[0]} exited with code {code} ({meaning}): {last}"

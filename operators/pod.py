@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+from .figures import StepFigures
 from .links import NeuroglancerLink
 from .local import EXIT_MEANING, NOT_RETRIED, SeamlessLocalOperator
 from .settings import load_settings, pod_template
@@ -35,6 +37,27 @@ def _last_line(pod: k8s.V1Pod | None, container: str) -> str:
     return next((line.strip() for line in reversed(message.splitlines()) if line.strip()), "")
 
 
+_FIGURES: dict[tuple[str, str], StepFigures] = {}  # (namespace, pod name) -> its step reports, until taken
+
+
+class StepFigureCallback(KubernetesPodOperatorCallback):
+    """Reads the step reports off the log lines the provider streams (operators.figures); the provider
+    calls its callbacks as static methods, so the figures wait here, keyed by pod, for the operator."""
+
+    container = "base"
+
+    @staticmethod
+    def progress_callback(*, line: str, container_name: str, pod: k8s.V1Pod, **kwargs: Any) -> None:
+        if container_name == StepFigureCallback.container and pod is not None and pod.metadata is not None:
+            _FIGURES.setdefault((pod.metadata.namespace, pod.metadata.name), StepFigures()).feed(line)
+
+
+def take_figures(namespace: str | None, name: str | None) -> dict[str, Any] | None:
+    """The XCom value of the pod's step reports (None if it printed none); forgets them."""
+    figures = _FIGURES.pop((namespace or "", name or ""), None)
+    return figures.xcom() if figures is not None else None
+
+
 class SeamlessPodOperator(KubernetesPodOperator):
     """Run `seamless <step args>` in the worker image on the GPU (or CPU) pool.
 
@@ -58,9 +81,10 @@ class SeamlessPodOperator(KubernetesPodOperator):
             name=self._set_name(f"seamless-{subcommand}"),  # not "--marker": argv starts with marker options
             arguments=list(step),
             get_logs=True,
-            do_xcom_push=False,
+            do_xcom_push=False,  # no sidecar nor pods/exec (docs/deploy.md): the figures come from the log
             on_finish_action="delete_pod",
             random_name_suffix=True,
+            callbacks=[*(kwargs.pop("callbacks", None) or []), StepFigureCallback],
             **kwargs,
         )
         self.step = list(step)
@@ -76,6 +100,23 @@ class SeamlessPodOperator(KubernetesPodOperator):
             return list(self.step)
         params = context.get("params") if hasattr(context, "get") else None
         return self.plan_ref.argv(params)
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        """Run the pod (KubernetesPodOperator); return the steps' figures read off its log as the task's XCom."""
+        try:
+            super().execute(context)
+        finally:  # taken even when the pod failed, so that nothing is left behind
+            meta = self.pod.metadata if self.pod is not None else None
+            figures = take_figures(meta.namespace, meta.name) if meta is not None else None
+        return figures
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> dict[str, Any] | None:
+        """The deferrable path's end: as execute, the figures read off the log it fetched."""
+        try:
+            super().trigger_reentry(context, event)
+        finally:
+            figures = take_figures(event.get("namespace"), event.get("name"))
+        return figures
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
         """The pod for this try: settings read now (not at parse time), argv from this run's Params.

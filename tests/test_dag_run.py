@@ -64,3 +64,12 @@ def test_airflow_dags_test_gives_the_image_of_seamless_align(tmp_path: Path) -> 
     assert "compute_field z=3->2: done" in output and "render: done" in output and '"mpx_per_s"' in output
     report = json.loads((tmp_path / "airflow" / ".seamless" / "steps" / "z3.render.json").read_text())["report"]
     assert report["step"] == "render" and report["chunks"] > 0
+    # the task's figures are its XCom (operators.figures): the same report its restart marker keeps
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "home" / "airflow.db") as db:
+        rows = dict(db.execute("SELECT task_id, value FROM xcom WHERE dag_id = 'seamless_align' "
+                               "AND key = 'return_value'").fetchall())
+    steps = {s["step"]: s for t in rows if t.startswith("z3.") for s in json.loads(rows[t])["steps"]}  # fused or not
+    assert "render" in steps, sorted(rows)
+    assert steps["render"]["chunks"] == report["chunks"] and steps["render"]["megapixels"] == report["megapixels"]

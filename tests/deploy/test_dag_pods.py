@@ -5,7 +5,8 @@ given as SEAMLESS_GPU_POOL). For one task of every step kind the plan produces, 
 runs with the template context of a real runtime task instance whose run overrides Params, and the real
 KubernetesPodOperator code builds the pod from the Helm chart's rendered settings (defaults, GKE and EKS
 examples). No Kubernetes API server can run here, so two things are stubbed, nothing else: the hook
-(only `is_in_cluster` is asked while building the pod) and `get_or_create_pod`, the call that would POST
+(only `is_in_cluster` is asked while building the pod, and `core_v1_client`, which the provider hands to
+the operator's callbacks: operators.pod.StepFigureCallback ignores it) and `get_or_create_pod`, the call that would POST
 the pod, which keeps the request and stops the task there. Each pod is validated with kubernetes-validate.
 """
 
@@ -107,7 +108,7 @@ def pod_of(task: SeamlessPodOperator, context: dict[str, Any], settings: dict[st
     """Run the task's execute() up to the pod creation; the pod request it would send, as JSON."""
     monkeypatch.setenv(ENV_VARIABLE, json.dumps(settings))  # how the chart hands the settings to Airflow
     task.pod_template_dict = task.pod_request_obj = task.pod = None  # module-scoped DAG: a fresh try
-    task.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False)  # no API server (module docstring)
+    task.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False, core_v1_client=None)  # no API server (module docstring)
     sent: list[Any] = []
 
     def get_or_create_pod(pod_request_obj, context):
@@ -217,7 +218,7 @@ def test_params_that_change_the_structure_create_no_pod(dag, chart_settings, mon
     context = runtime_context(dag, task, {"section_stop": 20})
     monkeypatch.setenv(ENV_VARIABLE, json.dumps(chart_settings["defaults"]))
     task.pod_template_dict = task.pod_request_obj = task.pod = None
-    task.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False)
+    task.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False, core_v1_client=None)
     monkeypatch.setattr(task, "get_or_create_pod", lambda **_: pytest.fail("a pod was requested"))
     with pytest.raises(AirflowFailException, match="change the DAG's task structure"):
         task.execute(context)

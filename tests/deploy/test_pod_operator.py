@@ -187,3 +187,42 @@ def test_success_raises_nothing() -> None:
     operator, _, pod_manager = operator_without_api(pod)
     operator.post_complete_action(pod=pod, remote_pod=pod, context=None, result=None)
     pod_manager.delete_pod.assert_called_once_with(pod)
+
+
+# --- the steps' figures become the task's XCom, read off the pod's log ------------------------------------------
+def test_the_steps_figures_are_read_off_the_streamed_log() -> None:
+    """The provider's own PodManager streams the log through the operator's callbacks; only the Kubernetes
+    API (the log stream, reading the pod back) is a mock, as above."""
+    import datetime
+    import json
+
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
+
+    from operators.pod import take_figures
+
+    pod = finished_pod(0)
+    pod.status.container_statuses[0].state.terminated.finished_at = datetime.datetime.now(datetime.timezone.utc)
+    operator = SeamlessPodOperator(task_id="z12.vote", step=["vote", "--z", "12"], pool_kind="gpu")
+    reports = [{"step": "compute_field", "chunks": 4, "seconds": 2.5}, {"step": "vote", "chunks": 4, "mpx_per_s": 1.2}]
+    lines = ["vote: 2/4 chunks (50%)", json.dumps(reports[0]), '{"not": "a report"}', "{ broken", json.dumps(reports[1])]
+    blob = "".join(f"2026-12-07T06:00:0{i}.000000000Z {line}\n" for i, line in enumerate(lines)).encode()
+    client = mock.Mock(name="CoreV1Api")
+    client.read_namespaced_pod_log.return_value = mock.Mock(stream=lambda **_: iter([blob[:50], blob[50:]]))
+    client.read_namespaced_pod.return_value = pod
+    PodManager(kube_client=client, callbacks=operator.callbacks).fetch_container_logs(pod, "base", follow=False)
+    assert take_figures(pod.metadata.namespace, pod.metadata.name) == {"steps": reports}
+    assert take_figures(pod.metadata.namespace, pod.metadata.name) is None  # taken once, nothing left behind
+
+
+def test_the_deferrable_path_returns_the_figures_and_forgets_them() -> None:
+    from operators.pod import StepFigureCallback, take_figures
+
+    pod = finished_pod(0)
+    operator, _, _ = operator_without_api(pod)
+    StepFigureCallback.progress_callback(line='{"step": "vote", "chunks": 3}', container_name="base", pod=pod,
+                                         client=None, mode="async", timestamp=None)
+    StepFigureCallback.progress_callback(line='{"step": "sidecar"}', container_name="istio-proxy", pod=pod,
+                                         client=None, mode="async", timestamp=None)
+    event = {"status": "success", "name": pod.metadata.name, "namespace": pod.metadata.namespace, "message": ""}
+    assert operator.trigger_reentry(context={}, event=event) == {"steps": [{"step": "vote", "chunks": 3}]}
+    assert take_figures(pod.metadata.namespace, pod.metadata.name) is None

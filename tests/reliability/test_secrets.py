@@ -316,7 +316,7 @@ def test_pod_specs_of_every_step_kind_carry_no_credential_and_run_locked_down(tm
         saved = copy.deepcopy(dag.params)
         context = runtime_context(dag, task, {"device": "cuda"})
         task.pod_template_dict = task.pod_request_obj = task.pod = None
-        task.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False)  # no API server (tests/deploy)
+        task.__dict__["hook"] = types.SimpleNamespace(is_in_cluster=False, core_v1_client=None)  # no API server (tests/deploy)
         sent: list[Any] = []
 
         def get_or_create_pod(pod_request_obj, context, sent=sent):
