@@ -68,9 +68,14 @@ class MarkedStep:
     def current_hash(self) -> str:
         return inputs_hash(list(self.args), self.upstream_run_ids())
 
-    def is_done(self, wanted_hash: str | None = None) -> bool:
+    def done_record(self, wanted_hash: str | None = None) -> dict[str, Any] | None:
+        """The marker's record when the step is done with these inputs (its report included), else None."""
         data = read_marker(self.marker)
-        return data is not None and data.get("inputs_hash") == (wanted_hash or self.current_hash())
+        done = data is not None and data.get("inputs_hash") == (wanted_hash or self.current_hash())
+        return data if done else None
+
+    def is_done(self, wanted_hash: str | None = None) -> bool:
+        return self.done_record(wanted_hash) is not None
 
     def finish(self, wanted_hash: str, seconds: float, report: dict[str, Any] | None = None) -> dict[str, Any]:
         data = {

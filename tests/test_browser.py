@@ -9,11 +9,12 @@ waits for the run to succeed (REST API), finds the run in the DAG's run list, op
 that runs section 1's final render (`z=1 mip=2 compose + render`: the compose and its render share a
 task under the default fuse; its label is read from the plan) from the run's task instances and checks that its log shows the step's progress lines
 (`render: 1/1 chunks (100%), … chunks/s, … Mpx/s, ETA …` per chunk, then `render: done, …`;
-seamless_core/progress.py, one line per chunk here since SEAMLESS_PROGRESS_INTERVAL=0).
+seamless_core/progress.py, one line per chunk here since SEAMLESS_PROGRESS_INTERVAL=0), then opens
+the same task's XCom tab and checks that it shows the steps' figures (`return_value`, operators.figures).
 
 Screenshots (test artifacts): `test-artifacts/browser/` under the checkout (git-ignored; env
 SEAMLESS_TEST_ARTIFACTS names another folder): 01-trigger-form.png (the section range filled),
-02-trigger-run-id.png, 03-run-list.png, 04-task-log.png, and failure.png + failure.html when a UI step
+02-trigger-run-id.png, 03-run-list.png, 04-task-log.png, 05-task-xcom.png, and failure.png + failure.html when a UI step
 fails. The path is printed.
 
 The browser: env SEAMLESS_CHROMIUM, else `chromium` / `chromium-browser` on PATH (scripts/test.sh installs
@@ -234,6 +235,14 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 expect(logs).to_contain_text(DONE)
                 expect(logs).to_contain_text(re.compile(r"downsample: \d+/\d+ chunks \(\d+%\)"))
                 page.screenshot(path=shots / "04-task-log.png")
+                # the same task's XCom tab: the steps' figures (operators.figures)
+                page.goto(f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/{render_task.id}/xcom")
+                row = page.get_by_role("row").filter(has=page.get_by_test_id("table-cell-key").get_by_text(
+                    "return_value", exact=True))
+                expect(row).to_have_count(1)
+                page.get_by_test_id("expand-all-button").click()  # the value is folded JSON until expanded
+                expect(row.get_by_test_id("xcom-value")).to_contain_text("mpx_per_s")
+                page.screenshot(path=shots / "05-task-xcom.png")
             except Exception:
                 page.screenshot(path=shots / "failure.png")
                 (shots / "failure.html").write_text(page.content())
@@ -249,7 +258,8 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 os.killpg(standalone.pid, signal.SIGKILL)
                 standalone.wait()
     saved = sorted(p.name for p in shots.glob("*.png"))
-    assert saved == ["01-trigger-form.png", "02-trigger-run-id.png", "03-run-list.png", "04-task-log.png"]
+    assert saved == ["01-trigger-form.png", "02-trigger-run-id.png", "03-run-list.png", "04-task-log.png",
+                     "05-task-xcom.png"]
     print("browser test:", ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()),
           f"total {time.monotonic() - started:.0f} s; screenshots in {shots}")
 

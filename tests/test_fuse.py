@@ -139,8 +139,12 @@ def test_then_runs_the_steps_in_order_and_stops_at_the_first_failure(tmp_path, c
     assert main(fused) == ExitCode.OK
     first = json.loads((steps / "a.json").read_text())["run_id"]
     assert (steps / "b.json").exists() and (tmp_path / "out" / "b" / "info").exists()
+    ran = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["step"] for r in ran] == ["copy", "copy"] and not any("skipped" in r for r in ran)
     assert main(fused) == ExitCode.OK  # a rerun skips both: run ids unchanged
     assert json.loads((steps / "a.json").read_text())["run_id"] == first
+    skipped = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert skipped == [{**r, "skipped": True} for r in ran]  # each step's figures again, from its marker
     (steps / "b.json").unlink()
     failing = _copy_argv(tmp_path, "b", ("a",)) + [THEN] + _copy_argv(tmp_path, "c", ("b",), src="missing") + [
         THEN] + _copy_argv(tmp_path, "d", ("c",))
