@@ -240,7 +240,7 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 row = page.get_by_role("row").filter(has=page.get_by_test_id("table-cell-key").get_by_text(
                     "return_value", exact=True))
                 expect(row).to_have_count(1)
-                page.get_by_test_id("expand-all-button").click()  # the value is folded JSON until expanded
+                page.get_by_role("button", name="Expand all extra JSON").click()  # folded JSON until expanded
                 expect(row.get_by_test_id("xcom-value")).to_contain_text("mpx_per_s")
                 page.screenshot(path=shots / "05-task-xcom.png")
             except Exception:
