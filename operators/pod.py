@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException, TaskDeferred
 
 from .figures import StepFigures
 from .links import NeuroglancerLink
@@ -49,7 +49,8 @@ class StepFigureCallback(KubernetesPodOperatorCallback):
     @staticmethod
     def progress_callback(*, line: str, container_name: str, pod: k8s.V1Pod, **kwargs: Any) -> None:
         if container_name == StepFigureCallback.container and pod is not None and pod.metadata is not None:
-            _FIGURES.setdefault((pod.metadata.namespace, pod.metadata.name), StepFigures()).feed(line)
+            key = (pod.metadata.namespace or "", pod.metadata.name or "")
+            _FIGURES.setdefault(key, StepFigures()).feed(line)
 
 
 def take_figures(namespace: str | None, name: str | None) -> dict[str, Any] | None:
@@ -114,9 +115,12 @@ class SeamlessPodOperator(KubernetesPodOperator):
         """The deferrable path's end: as execute, the figures read off the log it fetched."""
         try:
             super().trigger_reentry(context, event)
-        finally:
-            figures = take_figures(event.get("namespace"), event.get("name"))
-        return figures
+        except TaskDeferred:  # deferred again (logging_interval): more of the log, and the reports, to come
+            raise
+        except BaseException:
+            take_figures(event.get("namespace"), event.get("name"))
+            raise
+        return take_figures(event.get("namespace"), event.get("name"))
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
         """The pod for this try: settings read now (not at parse time), argv from this run's Params.
