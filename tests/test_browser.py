@@ -5,7 +5,9 @@ the local twin, the pool seamless_gpu with 2 slots) on a 2-section project (6 ta
 Chromium (Debian's `chromium`, driven by Playwright): logs in as `admin` with the password Airflow wrote
 under AIRFLOW_HOME (simple auth manager), opens the seamless_align DAG, opens the Trigger form, fills the
 section range Params (First section, Stop section) and a run id, triggers (the form unpauses the DAG),
-waits for the run to succeed (REST API), finds the run in the DAG's run list, opens it, opens the task
+waits for the run to succeed (REST API), finds the run in the DAG's run list, opens it, checks its grid (task
+groups expanded: a row per task of the plan with its label, and each of the run's cells says `State: Success`
+in its tooltip), opens the task
 that runs section 1's final render (`z=1 mip=2 compose + render`: the compose and its render share a
 task under the default fuse; its label is read from the plan) from the run's task instances and checks that its log shows the step's progress lines
 (`render: 1/1 chunks (100%), … chunks/s, … Mpx/s, ETA …` per chunk, then `render: done, …`;
@@ -14,7 +16,7 @@ the same task's XCom tab and checks that it shows the steps' figures (`return_va
 
 Screenshots (test artifacts): `test-artifacts/browser/` under the checkout (git-ignored; env
 SEAMLESS_TEST_ARTIFACTS names another folder): 01-trigger-form.png (the section range filled),
-02-trigger-run-id.png, 03-run-list.png, 04-task-log.png, 05-task-xcom.png, and failure.png + failure.html when a UI step
+02-trigger-run-id.png, 03-run-list.png, 04-run-grid.png, 05-task-log.png, 06-task-xcom.png, and failure.png + failure.html when a UI step
 fails. The path is printed.
 
 The browser: env SEAMLESS_CHROMIUM, else `chromium` / `chromium-browser` on PATH (scripts/test.sh installs
@@ -153,7 +155,8 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
     stack = deformed_stack(tmp_path, list(range(SECTIONS)), SIZE, max_translation=4.0, cracked=(), debris=())
     project = tmp_path / "project.yaml"
     project.write_text(PROJECT.format(source=stack.path, destination=tmp_path / "out", stop=SECTIONS))
-    render_task = next(t for t in build_plan(load_project(project)).tasks if RENDER_STEP in t.steps)
+    plan_tasks = build_plan(load_project(project)).tasks
+    render_task = next(t for t in plan_tasks if RENDER_STEP in t.steps)
     embedded = _embedded()
     port = embedded.free_port()
     base = f"http://localhost:{port}"
@@ -228,13 +231,24 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 page.screenshot(path=shots / "03-run-list.png")
                 row.get_by_role("link", name=run_id, exact=True).click()
                 page.wait_for_url(f"**/dags/{DAG_ID}/runs/{run_id}")
-                page.get_by_role("link", name=render_task.label, exact=True).click()
+                # the grid beside it: every task of the plan a row (its label), every cell of this run Success
+                page.get_by_role("button", name="Expand all task groups").click()
+                for task in plan_tasks:
+                    expect(page.get_by_test_id(f"task-{task.id.replace('.', '-')}")).to_contain_text(task.label)
+                    page.get_by_test_id(f"grid-{run_id}-{task.id}").hover()
+                    tooltip = page.get_by_role("tooltip").filter(has_text=task.id)
+                    expect(tooltip).to_contain_text("State: Success")
+                    page.mouse.move(0, 0)  # off the grid: the tooltip would cover the next cell
+                    expect(tooltip).to_have_count(0)
+                page.screenshot(path=shots / "04-run-grid.png")
+                # the run's task instances (the table, not the grid's row of the same name)
+                page.get_by_test_id("table-list").get_by_role("link", name=render_task.label, exact=True).click()
                 page.wait_for_url(f"**/runs/{run_id}/tasks/{render_task.id}")
                 logs = page.get_by_test_id("virtualized-list")
                 expect(logs).to_contain_text(PROGRESS)
                 expect(logs).to_contain_text(DONE)
                 expect(logs).to_contain_text(re.compile(r"downsample: \d+/\d+ chunks \(\d+%\)"))
-                page.screenshot(path=shots / "04-task-log.png")
+                page.screenshot(path=shots / "05-task-log.png")
                 # the same task's XCom tab: the steps' figures (operators.figures)
                 page.goto(f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/{render_task.id}/xcom")
                 row = page.get_by_role("row").filter(has=page.get_by_test_id("table-cell-key").get_by_text(
@@ -242,7 +256,7 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 expect(row).to_have_count(1)
                 page.get_by_role("button", name="Expand all extra JSON").click()  # folded JSON until expanded
                 expect(row.get_by_test_id("xcom-value")).to_contain_text("mpx_per_s")
-                page.screenshot(path=shots / "05-task-xcom.png")
+                page.screenshot(path=shots / "06-task-xcom.png")
             except Exception:
                 page.screenshot(path=shots / "failure.png")
                 (shots / "failure.html").write_text(page.content())
@@ -258,8 +272,8 @@ def test_trigger_from_the_ui_and_read_the_progress_in_a_task_log(tmp_path: Path)
                 os.killpg(standalone.pid, signal.SIGKILL)
                 standalone.wait()
     saved = sorted(p.name for p in shots.glob("*.png"))
-    assert saved == ["01-trigger-form.png", "02-trigger-run-id.png", "03-run-list.png", "04-task-log.png",
-                     "05-task-xcom.png"]
+    assert saved == ["01-trigger-form.png", "02-trigger-run-id.png", "03-run-list.png", "04-run-grid.png",
+                     "05-task-log.png", "06-task-xcom.png"]
     print("browser test:", ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()),
           f"total {time.monotonic() - started:.0f} s; screenshots in {shots}")
 
