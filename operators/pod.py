@@ -115,7 +115,7 @@ class SeamlessPodOperator(KubernetesPodOperator):
         """The deferrable path's end: as execute, the figures read off the log it fetched."""
         try:
             super().trigger_reentry(context, event)
-        except TaskDeferred:  # deferred again (logging_interval): more of the log, and the reports, to come
+        except TaskDeferred:  # deferred again (the trigger gave up while the pod runs): more reports to come
             raise
         except BaseException:
             take_figures(event.get("namespace"), event.get("name"))

@@ -226,3 +226,31 @@ def test_the_deferrable_path_returns_the_figures_and_forgets_them() -> None:
     event = {"status": "success", "name": pod.metadata.name, "namespace": pod.metadata.namespace, "message": ""}
     assert operator.trigger_reentry(context={}, event=event) == {"steps": [{"step": "vote", "chunks": 3}]}
     assert take_figures(pod.metadata.namespace, pod.metadata.name) is None
+
+
+def test_a_re_deferral_keeps_the_figures_for_the_final_reentry() -> None:
+    """The trigger can return while the pod still runs; the provider then defers again (TaskDeferred).
+    The figures already read off the log must survive that and come back at the final re-entry."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from operators.pod import StepFigureCallback, take_figures
+
+    running = finished_pod(0)
+    running.status.phase = "Running"
+    running.status.container_statuses[0].state = k8s.V1ContainerState(running=k8s.V1ContainerStateRunning())
+    operator, _, _ = operator_without_api(running)
+    StepFigureCallback.progress_callback(line='{"step": "compute_field", "chunks": 2}', container_name="base",
+                                         pod=running, client=None, mode="async", timestamp=None)
+    event = {"status": "error", "name": running.metadata.name, "namespace": running.metadata.namespace,
+             "message": "trigger stopped watching"}
+    with pytest.raises(TaskDeferred):
+        operator.trigger_reentry(context={}, event=event)
+    finished = finished_pod(0)
+    operator, _, _ = operator_without_api(finished)
+    StepFigureCallback.progress_callback(line='{"step": "vote", "chunks": 2}', container_name="base", pod=finished,
+                                         client=None, mode="async", timestamp=None)
+    event = {"status": "success", "name": finished.metadata.name, "namespace": finished.metadata.namespace,
+             "message": ""}
+    assert operator.trigger_reentry(context={}, event=event) == {
+        "steps": [{"step": "compute_field", "chunks": 2}, {"step": "vote", "chunks": 2}]}
+    assert take_figures(finished.metadata.namespace, finished.metadata.name) is None
