@@ -67,15 +67,36 @@ def load_stack(n: int) -> torch.Tensor:
 DRAW = 1000  # the seed base of the deformations every recorded figure uses (section z: seed DRAW + z)
 
 
-def deformed_stack(stack: torch.Tensor, seed_base: int = DRAW) -> torch.Tensor:
+def deformed_stack(stack: torch.Tensor, seed_base: int = DRAW, **deformation: float) -> torch.Tensor:
     """Section 0 untouched, every other section z deformed independently with seed seed_base + z.
 
     The chains are chaotic, so one draw of deformations is one sample: other seed bases show the spread
-    (docs/estimators.md, "How much one draw says")."""
+    (docs/estimators.md, "How much one draw says"). `deformation` overrides synthetic.deformed_copy's
+    parameters (e.g. crack_opening=0), to see which part of the test's deformation a chain fails on."""
     out = [stack[0]]
     for z in range(1, stack.shape[0]):
-        out.append(synthetic.deformed_copy(stack[z : z + 1], seed=seed_base + z)["deformed"][0])
+        copy = synthetic.deformed_copy(stack[z : z + 1], seed=seed_base + z, **deformation)
+        out.append(copy["deformed"][0])
     return torch.stack(out)
+
+
+DEFORMATION_KEYS = ("max_translation", "max_rotation_deg", "elastic", "crack_opening", "debris_radius",
+                    "translation_step")
+
+
+def parse_deformation(text: str) -> dict[str, float]:
+    """`key=value,...` overrides of synthetic.deformed_copy (DEFORMATION_KEYS); ValueError names a bad one."""
+    overrides: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in DEFORMATION_KEYS:
+            raise ValueError(f"bad deformation override {item!r}: use key=value with key one of "
+                             f"{', '.join(DEFORMATION_KEYS)}")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"bad deformation override {item!r}: {value!r} is not a number") from None
+    return overrides
 
 
 def field_seamless(moving: torch.Tensor, reference: torch.Tensor, stages=None) -> torch.Tensor:

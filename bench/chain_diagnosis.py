@@ -139,7 +139,16 @@ def main() -> None:
     parser.add_argument("--seed-base", type=int, default=quality.DRAW,
                         help="deformation draw: section z is deformed with seed SEED_BASE + z (the recorded figures: "
                         f"{quality.DRAW}); other draws show how much one draw says")
+    parser.add_argument("--deform", default="",
+                        help="overrides of the test's deformation, key=value,... with keys "
+                        f"{', '.join(quality.DEFORMATION_KEYS)} (e.g. crack_opening=0,debris_radius=0,"
+                        "elastic=0,max_rotation_deg=0: translations only; translation_step=4: whole pixels "
+                        "at MIP 2)")
     args = parser.parse_args()
+    try:
+        deformation = quality.parse_deformation(args.deform)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     estimate = pair_floor.estimator(args.stages)
     quality.vector_vote = lambda c, temperature, blur_sigma: (  # the bench's vote, as asked
@@ -147,7 +156,7 @@ def main() -> None:
         else (c.mean(0), None) if args.vote == "mean"
         else vector_vote(c, temperature=args.vote_temperature, blur_sigma=args.vote_blur))
     stack = quality.load_stack(args.sections)
-    deformed = quality.deformed_stack(stack, args.seed_base)
+    deformed = quality.deformed_stack(stack, args.seed_base, **deformation)
 
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],

@@ -37,11 +37,18 @@ def smooth_random_field(height: int, width: int, *, amplitude: float, wavelength
 
 
 def section_misalignment(height: int, width: int, *, seed: int, max_translation: float = 8.0,
-                         max_rotation_deg: float = 0.5, elastic: float = 3.0) -> torch.Tensor:
-    """A random but reproducible misalignment of one section: translation, rotation and elastic warp."""
+                         max_rotation_deg: float = 0.5, elastic: float = 3.0,
+                         translation_step: float = 0.0) -> torch.Tensor:
+    """A random but reproducible misalignment of one section: translation, rotation and elastic warp.
+
+    translation_step > 0 rounds the translation to multiples of it: with 2**mip px the shift is a whole
+    number of pixels at that MIP, so an estimator there sees it without any sub-pixel interpolation."""
     generator = torch.Generator().manual_seed(seed)
     u = torch.rand(3, generator=generator, dtype=torch.float64) * 2 - 1
-    rigid = affine_field(height, width, translation=(float(u[0]) * max_translation, float(u[1]) * max_translation),
+    shift = [float(v) * max_translation for v in u[:2]]
+    if translation_step > 0:
+        shift = [round(v / translation_step) * translation_step for v in shift]
+    rigid = affine_field(height, width, translation=(shift[0], shift[1]),
                          rotation_deg=float(u[2]) * max_rotation_deg)
     return rigid + smooth_random_field(height, width, amplitude=elastic, seed=seed + 1)
 
@@ -70,7 +77,11 @@ def crack_field(height: int, width: int, *, opening: float = 5.0, seed: int = 0)
 
 
 def debris_mask(height: int, width: int, *, radius: float = 20.0, seed: int = 0) -> torch.Tensor:
-    """A dark blob of debris (an ellipse) somewhere inside the section; True where the debris is."""
+    """A dark blob of debris (an ellipse) somewhere inside the section; True where the debris is.
+
+    radius 0 gives none (the benches switch the debris off that way)."""
+    if radius <= 0:
+        return torch.zeros((1, 1, height, width), dtype=torch.bool)
     generator = torch.Generator().manual_seed(seed)
     u = torch.rand(4, generator=generator, dtype=torch.float64)
     cx, cy = width * (0.2 + 0.6 * u[0]), height * (0.2 + 0.6 * u[1])
@@ -82,7 +93,7 @@ def debris_mask(height: int, width: int, *, radius: float = 20.0, seed: int = 0)
 
 def deformed_copy(image: torch.Tensor, *, seed: int, max_translation: float = 20.0, max_rotation_deg: float = 1.0,
                   elastic: float = 3.0, crack_opening: float = 5.0, debris_radius: float = 20.0,
-                  band: int = 4) -> dict[str, torch.Tensor]:
+                  band: int = 4, translation_step: float = 0.0) -> dict[str, torch.Tensor]:
     """A deformed copy of `image` (N=1, C=1, H, W; values in [0, 1]) with its exact alignment field.
 
     Returns:
@@ -96,7 +107,8 @@ def deformed_copy(image: torch.Tensor, *, seed: int, max_translation: float = 20
 
     height, width = image.shape[-2:]
     global_field = section_misalignment(height, width, seed=seed, max_translation=max_translation,
-                                        max_rotation_deg=max_rotation_deg, elastic=elastic)
+                                        max_rotation_deg=max_rotation_deg, elastic=elastic,
+                                        translation_step=translation_step)
     crack, gap = crack_field(height, width, opening=crack_opening, seed=seed + 11)
     cracked = fields.warp(image, crack).masked_fill(gap, 0.0)
     deformed = fields.warp(cracked, global_field)  # = warp(image, compose(global, crack)) off the gap
