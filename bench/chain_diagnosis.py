@@ -20,13 +20,18 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
   affine:   as filled, but each target is the section rendered through the affine part of its voted
             field (Cauchy-weighted least squares), plus --median W's median of the rest when W > 1; the
             output keeps the whole field. Regional wrong matches then never reach a target (a prototype).
+  solve:    every field solved at once from links to the K previous sections (bench/link_solve.py).
+  decay:    as compose with K = 1, but only the affine part of F_{z-1} is carried exactly, its local rest
+            decayed by --decay per section (a prototype).
+--deform switches parts of the test's deformation off (crack, debris, elastic, rotation) or rounds the
+translations to whole MIP-2 pixels, to see which part a chain fails on.
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+jitter] [+lk]] [--k 3]
      [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median|mean]
-     [--chain rendered|filled|compose|template|affine] [--median 0] [--margin 32] [--montage chains.png]
-     [--seed-base 1000]
+     [--chain rendered|filled|compose|template|affine|solve|decay] [--median 0] [--decay 0.8] [--margin 32]
+     [--montage chains.png] [--seed-base 1000] [--deform crack_opening=0,...]
 """
 
 from __future__ import annotations
@@ -74,6 +79,24 @@ def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) ->
                                   for k in offsets])
         voted, _ = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)  # 1-2 candidates: their mean
         chain.append(median_at_mip(voted, median))
+    return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
+
+
+def decay_align(stack: torch.Tensor, estimate, decay: float) -> torch.Tensor:
+    """Raw-to-raw fields composed along the stack, the local part of what is carried forward decayed.
+
+    F_z = compose(A_{z-1} + decay * L_{z-1}, P_z), where P_z aligns raw z onto raw z-1 and A, L are the
+    affine part of F (Cauchy-weighted fit, see affine_part) and the rest. Section z's output uses its whole
+    F_z. The rigid part of every section's correction is carried exactly, as in --chain compose, while
+    its local part (elastic warp, crack, and the content's own flow) fades over about 1 / (1 - decay)
+    sections instead of accumulating (a prototype)."""
+    chain = [torch.zeros(1, 2, *stack.shape[-2:])]
+    for z in range(1, stack.shape[0]):
+        previous = chain[z - 1]
+        tissue = fields.warp(stack[z - 1 : z], previous)[0, 0] > 0
+        affine = affine_part(previous, tissue) if z > 1 else previous
+        carried = affine + decay * (previous - affine)
+        chain.append(fields.compose(carried, estimate(stack[z : z + 1], stack[z - 1 : z])))
     return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 
 
@@ -126,7 +149,11 @@ def main() -> None:
     parser.add_argument("--vote", choices=["softmin", "median", "mean"], default="softmin",
                         help="SEAMLeSS's softmin over majority subsets, the per-component median of the "
                         "candidates (continuous in them: no subset switching), or their plain mean")
-    parser.add_argument("--chain", choices=["rendered", "filled", "compose", "template", "affine", "solve"], default="rendered",
+    parser.add_argument("--decay", type=float, default=0.8,
+                        help="--chain decay: the share of the carried field's local part kept per section")
+    parser.add_argument("--chain",
+                        choices=["rendered", "filled", "compose", "template", "affine", "solve", "decay"],
+                        default="rendered",
                         help="align to rendered sections (with their holes filled), compose raw-to-raw fields, "
                         "align to a running template of the last K aligned sections, or to targets rendered "
                         "through their field's affine part (see above)")
@@ -161,6 +188,7 @@ def main() -> None:
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
+        "decay": lambda s: decay_align(s, estimate, args.decay),
         "template": lambda s: template_align(s, estimate, args.k),
         "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
         "solve": lambda s: link_solve.solve_align(s, estimate, args.k, args.stages),
