@@ -70,34 +70,32 @@ def median_vote(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return candidates.median(0).values, spread
 
 
-def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int) -> torch.Tensor:
-    """Raw-to-raw fields composed along the stack (see --chain compose), each F_z median-filtered."""
+def compose_align(stack: torch.Tensor, estimate, k_targets: int, median: int, carry=None) -> torch.Tensor:
+    """Raw-to-raw fields composed along the stack (see --chain compose), each F_z median-filtered.
+
+    carry(F_{z-k}, raw z-k) -> the field composed with P_{z,k} in F_{z-k}'s place (--chain decay)."""
     chain = [torch.zeros(1, 2, *stack.shape[-2:])]
     for z in range(1, stack.shape[0]):
         offsets = range(1, min(k_targets, z) + 1)
-        candidates = torch.stack([fields.compose(chain[z - k], estimate(stack[z : z + 1], stack[z - k : z - k + 1]))
-                                  for k in offsets])
+        carried = [chain[z - k] if carry is None else carry(chain[z - k], stack[z - k : z - k + 1])
+                   for k in offsets]
+        candidates = torch.stack([fields.compose(c, estimate(stack[z : z + 1], stack[z - k : z - k + 1]))
+                                  for c, k in zip(carried, offsets)])
         voted, _ = quality.vector_vote(candidates, temperature=1.0, blur_sigma=2.0)  # 1-2 candidates: their mean
         chain.append(median_at_mip(voted, median))
     return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
 
 
-def decay_align(stack: torch.Tensor, estimate, decay: float) -> torch.Tensor:
-    """Raw-to-raw fields composed along the stack, the local part of what is carried forward decayed.
-
-    F_z = compose(A_{z-1} + decay * L_{z-1}, P_z), where P_z aligns raw z onto raw z-1 and A, L are the
-    affine part of F (Cauchy-weighted fit, see affine_part) and the rest. Section z's output uses its whole
-    F_z. The rigid part of every section's correction is carried exactly, as in --chain compose, while
-    its local part (elastic warp, crack, and the content's own flow) fades over about 1 / (1 - decay)
-    sections instead of accumulating (a prototype)."""
-    chain = [torch.zeros(1, 2, *stack.shape[-2:])]
-    for z in range(1, stack.shape[0]):
-        previous = chain[z - 1]
-        tissue = fields.warp(stack[z - 1 : z], previous)[0, 0] > 0
-        affine = affine_part(previous, tissue) if z > 1 else previous
-        carried = affine + decay * (previous - affine)
-        chain.append(fields.compose(carried, estimate(stack[z : z + 1], stack[z - 1 : z])))
-    return torch.cat([fields.warp(stack[z : z + 1], chain[z]) for z in range(stack.shape[0])])
+def decayed_carry(decay: float):
+    """compose_align's carry for --chain decay: F's affine part (Cauchy-weighted fit over the pixels where
+    it lands on tissue, see affine_part) kept whole, the local rest multiplied by `decay`. The rigid part of
+    every section's correction is then carried exactly, as in --chain compose, while its local part
+    (elastic warp, crack, and the content's own flow) fades over about 1 / (1 - decay) sections instead of
+    accumulating (a prototype). Section z's output still uses its whole F_z."""
+    def carry(field: torch.Tensor, section: torch.Tensor) -> torch.Tensor:
+        affine = affine_part(field, fields.warp(section, field)[0, 0] > 0)
+        return affine + decay * (field - affine)
+    return carry
 
 
 def template_align(stack: torch.Tensor, estimate, depth: int) -> torch.Tensor:
@@ -188,7 +186,7 @@ def main() -> None:
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
-        "decay": lambda s: decay_align(s, estimate, args.decay),
+        "decay": lambda s: compose_align(s, estimate, 1, 0, carry=decayed_carry(args.decay)),
         "template": lambda s: template_align(s, estimate, args.k),
         "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
         "solve": lambda s: link_solve.solve_align(s, estimate, args.k, args.stages),

@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--sections", type=int, default=30, help="stack length, section 0 fixed (default 30)")
     parser.add_argument("--at", type=int, nargs="+", default=[1, 5, 15, 29], help="sections to print")
     args = parser.parse_args()
-    if args.sections < 2 or any(not 0 < z < args.sections for z in args.at):
+    if args.sections < 2:
+        parser.error("--sections must be at least 2 (section 0 is the fixed one)")
+    if any(not 0 < z < args.sections for z in args.at):
         parser.error(f"--at must name sections 1..{args.sections - 1}")
     cases = [("chain", chain(args.sections))]
     cases += [(f"links to the {k} previous sections", links(args.sections, k)) for k in (2, 3)]
