@@ -2,7 +2,8 @@
 
 Chunks are read with enough context for the agreement blur, voted (seamless_core.vote), cropped and
 written: the voted field to a field layer, the disagreement of the winning majority (px) to a quality
-layer that shows where the section's targets did not agree.
+layer that shows where the section's targets did not agree. The report counts the voted field's folded
+pixels (steps/folds.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..progress import Progress, StepReport
 from ..vote import vector_vote
 from ..volumes import Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
 from .common import check_processing_chunk, processing_chunks, read_field, to_numpy
+from .folds import FoldTally
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ def vote_fields(candidates: list[Layer], voted: Layer, agreement: Layer, region:
     device = resolve_device(params.device)
     pad = math.ceil(3 * params.blur_sigma) + 1
     chunks = processing_chunks(voted, region, params.chunk_xy)
+    folds = FoldTally("vector_vote: the voted field of")
 
     def load(chunk: BBox) -> torch.Tensor:
         padded = chunk.padded(pad)
@@ -45,7 +48,9 @@ def vote_fields(candidates: list[Layer], voted: Layer, agreement: Layer, region:
 
     def compute(chunk: BBox, stack: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         field, spread = vector_vote(stack, temperature=params.temperature, blur_sigma=params.blur_sigma)
-        return to_numpy(crop_xy(field, pad), "float32"), to_numpy(crop_xy(spread, pad), "float32")
+        field = crop_xy(field, pad)
+        folds.add(field)
+        return to_numpy(field, "float32"), to_numpy(crop_xy(spread, pad), "float32")
 
     def store(chunk: BBox, result: tuple[np.ndarray, np.ndarray]) -> None:
         voted.write(chunk, result[0])
@@ -54,7 +59,8 @@ def vote_fields(candidates: list[Layer], voted: Layer, agreement: Layer, region:
     progress = Progress(f"vector_vote z={region.start[2]}", len(chunks), interval=progress_interval)
     run_chunks(chunks, load, compute, store, progress, prefetch=params.prefetch)
     report = progress.close()
-    report.details.update({"candidates": len(candidates), "mip": params.mip})
+    report.details.update({"candidates": len(candidates), "mip": params.mip, **folds.details()})
+    folds.warn_if_folded(region.start[2])
     return report
 
 
