@@ -96,6 +96,11 @@ class Layout:
         return f"{self.markers}/{step_id}.json"
 
 
+def compose_step(z: int) -> str:
+    """The id of section z's compose step (its marker keeps the report `seamless report` reads folds from)."""
+    return f"z{z}.compose"
+
+
 @dataclass(frozen=True)
 class Block:
     index: int
@@ -500,7 +505,7 @@ class _Builder:
         else:  # the anchor (and sections before the first good one): identity
             args += ["--like", self.c.source]
         args += [*self._bbox_only(z), *self.common()]
-        return self.add(Step(f"z{z}.compose", "compose", tuple(args), tuple(deps), z=z, mip=self.field_mip, gpu=True))
+        return self.add(Step(compose_step(z), "compose", tuple(args), tuple(deps), z=z, mip=self.field_mip, gpu=True))
 
     def final_render(self, z: int, compose: str) -> str:
         """Render at render.mip and build the pyramid above it (CPC and the viewer read coarser MIPs)."""

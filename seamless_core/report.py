@@ -5,6 +5,8 @@ It reads what the workflow leaves under a destination folder (the contract, see 
     {dst}/image        the aligned image (uint8, MIP pyramid)
     {dst}/cpc          CPC of the aligned image, with per-section summaries in summary/<z>.json
     {dst}/cpc_source   CPC of the unaligned source stack, same MIP and patch (the "before")
+    {dst}/.seamless/steps/z<z>.compose.json   optional: the compose steps' markers, whose reports give
+                       the share of each section's final field that folds (docs/estimators.md, "Folds")
 
 and writes `index.html` with plots of per-section CPC before and after, a table of every section, the
 worst sections with before/after thumbnails and red/green overlays of each section and its neighbour,
@@ -33,6 +35,8 @@ from cloudfiles import CloudFiles
 
 from .errors import InputError, LayerError, SeamlessError
 from .neuroglancer import viewer_link
+from .plan import Layout, compose_step
+from .steps.folds import FOLD_WARNING_SHARE
 from .volumes import (
     Layer,
     LayerKind,
@@ -152,6 +156,20 @@ def read_summaries(cpc: CpcInput, sections: Sequence[int], first_z: int) -> None
 
 
 # -- the worst windows ------------------------------------------------------------------------------------
+def read_folds(destination: str, sections: Sequence[int]) -> dict[int, float]:
+    """z -> the share of its final field that folds, for the sections whose compose marker reports one."""
+    markers = Layout(destination).markers
+    files = CloudFiles(markers, secrets=storage_secrets(markers))
+    names = [f"{compose_step(z)}.json" for z in sections]
+    found = with_retries(lambda: files.get_json(names), f"reading the compose steps' markers under {markers}")
+    shares = {}
+    for z, marker in zip(sections, found):
+        share = (marker.get("report") or {}).get("folded_share") if isinstance(marker, dict) else None
+        if isinstance(share, (int, float)):
+            shares[z] = float(share)
+    return shares
+
+
 def worst_windows(cpc: CpcInput, image: Layer, count: int) -> list[Window]:
     """The `count` lowest-scoring CPC windows over the sections that have a summary (NaN windows skipped)."""
     layer = cpc.layer
@@ -356,6 +374,7 @@ def build_report(source: str, destination: str, out_dir: Path, *, z_range: tuple
                     key=lambda z: (ranked_by.value(z, "median"), z))
     worst_sections = ranked[:worst]
     windows = worst_windows(after, image, worst)
+    folds = read_folds(destination, sections)
     log.info("report: %d sections, worst %s, %d worst windows", len(sections), worst_sections, len(windows))
 
     out_dir = Path(out_dir)
@@ -381,7 +400,7 @@ def build_report(source: str, destination: str, out_dir: Path, *, z_range: tuple
     page = _render_page(
         src=src, image=image, after=after, before=before, sections=sections, worst_sections=worst_sections,
         windows=windows, views=views, plots=plots, thumb_mip=mip, thumb_resolution=resolution,
-        ranked_by=ranked_by, serve_root=root,
+        ranked_by=ranked_by, serve_root=root, folds=folds, markers=Layout(destination).markers,
     )
     index = out_dir / "index.html"
     write_atomic(index, lambda handle: handle.write(page.encode("utf-8")))
@@ -471,6 +490,23 @@ def _stats(cpc: CpcInput, sections: Sequence[int]) -> str:
             f"of {len(values)} per-section medians")
 
 
+def _percent(share: float | None) -> str:
+    return "—" if share is None else f"{100 * share:.1f} %"
+
+
+def _fold_stats(folds: dict[int, float], sections: Sequence[int], markers: str) -> str:
+    """The header's fold figures: the mean share, and the sections above the steps' warning."""
+    shares = [folds[z] for z in sections if z in folds]
+    if not shares:
+        return ('<span class="na">not counted</span>' + esc(f": no compose step reports under {markers} "
+                "(`seamless align` and the DAGs leave them there)"))
+    above = [z for z in sections if folds.get(z, 0.0) > FOLD_WARNING_SHARE]
+    text = (f"the final field folds on {_percent(float(np.mean(shares)))} of its pixels (mean of {len(shares)} "
+            f"sections, most {_percent(max(shares))}); above {_percent(FOLD_WARNING_SHARE)}: "
+            + (f"sections {z_list(above)}" if above else "none"))
+    return esc(text) + " (where the render shows tissue twice: docs/estimators.md, “Folds”)"
+
+
 def _link(label: str, url: str) -> str:
     return f'<a href="{esc(url)}">{esc(label)}</a>'
 
@@ -478,7 +514,7 @@ def _link(label: str, url: str) -> str:
 def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput, sections: Sequence[int],
                  worst_sections: Sequence[int], windows: Sequence[Window], views: Sequence[SectionView],
                  plots: dict[str, str], thumb_mip: int, thumb_resolution: Sequence[float], ranked_by: CpcInput,
-                 serve_root: str | None) -> str:
+                 serve_root: str | None, folds: dict[int, float], markers: str) -> str:
     def centre(layer: Layer) -> tuple[float, float]:
         b = layer.bounds(0)
         return (b.start[0] + b.size[0] / 2, b.start[1] + b.size[1] / 2)
@@ -522,6 +558,7 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
                     f"windows at MIP {cpc_params.get('mip', '?')}; 1 is identical, 0 unrelated") if cpc_params else "—"),
         ("CPC before (source)", _stats(before, sections)),
         ("CPC after (aligned)", _stats(after, sections)),
+        ("Folds", _fold_stats(folds, sections, markers)),
     ]
     for key, value in rows:
         w(f'<tr><th class="text">{esc(key)}</th><td class="text">{value}</td></tr>')
@@ -551,7 +588,9 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
         w(f"<h3>#{rank}: section {z}</h3>")
         w(f"<p>median before {fmt(before.value(z, 'median'))}, after {fmt(after.value(z, 'median'))} "
           f'(<span class="{cls}">{fmt(delta, signed=True)}</span>); 5th percentile before '
-          f"{fmt(before.value(z, 'p5'))}, after {fmt(after.value(z, 'p5'))}. Neuroglancer: {links(z, both=True)}</p>")
+          f"{fmt(before.value(z, 'p5'))}, after {fmt(after.value(z, 'p5'))}"
+          + (f"; the final field folds on {_percent(folds[z])}" if z in folds else "")
+          + f". Neuroglancer: {links(z, both=True)}</p>")
         view = views_by_z.get(z)
         if view:
             for problem in view.problems:
@@ -593,7 +632,7 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
     # every section
     w('<h2 id="sections-title">Every section</h2>')
     w('<table id="sections"><tr><th>z</th><th>median before</th><th>median after</th><th>change</th>'
-      '<th>p5 before</th><th>p5 after</th><th class="text">Neuroglancer</th></tr>')
+      '<th>p5 before</th><th>p5 after</th><th>folds</th><th class="text">Neuroglancer</th></tr>')
     for z in sections:
         delta, cls = change(z)
         row_cls = ' class="worst"' if z in worst_set else ""
@@ -603,6 +642,7 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
           f'<td class="change {cls}">{fmt(delta, signed=True)}</td>'
           f'<td class="p5-before">{fmt(before.value(z, "p5"))}</td>'
           f'<td class="p5-after">{fmt(after.value(z, "p5"))}</td>'
+          f'<td class="folds">{_percent(folds.get(z))}</td>'
           f'<td class="text">{links(z)}</td></tr>')
     w("</table>")
     w("</body></html>")

@@ -268,3 +268,41 @@ def test_a_section_without_tissue_is_named_and_not_ranked(copy_of: Path, tmp_pat
     assert page.worst_blocks == [2, 1]  # only scored sections are ranked
     assert all(int(row[1]) != 3 for row in page.window_rows)
     assert any("no scored window in section 3" in note for note in page.notes)
+
+
+def test_folds_come_from_the_compose_steps_markers(copy_of: Path, tmp_path: Path, capsys) -> None:
+    """Real compose steps, run with restart markers as the workflow runs them, leave the folded share of
+    each final field; the page shows it per section and names the sections above the warning."""
+    import torch
+
+    from seamless_core import fields
+    from seamless_core.plan import Layout, compose_step
+    from test_folds import folding_field
+
+    dst = copy_of / "dst"
+    folding = torch.nn.functional.interpolate(folding_field(), size=(SIZE, SIZE), mode="bilinear") * (SIZE / 96)
+    stack = torch.zeros(4, 2, SIZE, SIZE)
+    stack[2] = folding[0]  # section 2 folds, 1 and 3 are translations (never fold)
+    stack[1, 0], stack[3, 1] = 3.0, -2.0
+    make_layer(tmp_path / "voted", stack.numpy(), LayerKind.FIELD, chunk=SIZE, max_mip=0)
+    for z in (1, 2, 3):
+        marker = Layout(f"file://{dst}").marker(compose_step(z))
+        code = main(["--marker", marker, "compose", "--dst", str(dst / "fields" / "final"), "--z", str(z),
+                     "--mip", "0", "--field", str(tmp_path / "voted"), "--at", str(z), "--weight", "1"])
+        assert code == ExitCode.OK, capsys.readouterr().err
+    capsys.readouterr()
+    expected = float((fields.jacobian_determinant(stack[2:3]) <= 0).float().mean())
+    assert expected > 0.01
+
+    page = Page(build_report(str(copy_of / "src"), str(dst), tmp_path / "r", worst=3).read_text())
+    assert page.rows[0]["folds"] == "—"  # the anchor has no compose marker here
+    assert page.rows[1]["folds"] == page.rows[3]["folds"] == "0.0 %"
+    assert page.rows[2]["folds"] == f"{100 * expected:.1f} %"
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "above 1.0 %: sections 2 " in html and "final field folds on" in html
+
+    for z in (1, 2, 3):  # without the markers the page says folds were not counted, and why
+        (dst / ".seamless" / "steps" / f"{compose_step(z)}.json").unlink()
+    page = Page(build_report(str(copy_of / "src"), str(dst), tmp_path / "r2", worst=1).read_text())
+    assert {row["folds"] for row in page.rows.values()} == {"—"}
+    assert "not counted" in (tmp_path / "r2" / "index.html").read_text()

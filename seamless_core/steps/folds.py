@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from .. import fields
+if TYPE_CHECKING:  # torch only where fields are counted: `seamless report` reads the threshold without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class FoldTally:
 
     def add(self, displacement: torch.Tensor) -> None:
         """Count one chunk's (N, 2, H, W) field."""
+        from .. import fields
+
         folded = int((fields.jacobian_determinant(displacement) <= 0).sum())
         with self._lock:
             self.folded += folded
