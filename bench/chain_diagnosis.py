@@ -25,18 +25,24 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
             decayed by --decay per section (a prototype).
 --deform switches parts of the test's deformation off (crack, debris, elastic, rotation) or rounds the
 translations to whole MIP-2 pixels, to see which part a chain fails on.
+--unfold all smooths every estimate and voted field where it folds (bench/fold_repair.py); --unfold output
+only the voted field each section is rendered through, its targets stay as estimated (rendered and filled
+chains). --tear-free F keeps block matching's largest tear-free set of patches. The last lines also give
+the share of the voted fields' pixels that fold (docs/estimators.md, "Folds").
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+jitter] [+lk]] [--k 3]
      [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median|mean]
      [--chain rendered|filled|compose|template|affine|solve|decay] [--median 0] [--decay 0.8] [--margin 32]
-     [--montage chains.png] [--seed-base 1000] [--deform crack_opening=0,...]
+     [--montage chains.png] [--seed-base 1000] [--deform crack_opening=0,...] [--unfold none|all|output]
+     [--tear-free 0.8]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -47,6 +53,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+import fold_repair  # noqa: E402
 import link_solve  # noqa: E402
 import pair_floor  # noqa: E402
 
@@ -169,31 +176,57 @@ def main() -> None:
                         f"{', '.join(quality.DEFORMATION_KEYS)} (e.g. crack_opening=0,debris_radius=0,"
                         "elastic=0,max_rotation_deg=0: translations only; translation_step=4: whole pixels "
                         "at MIP 2)")
+    parser.add_argument("--unfold", choices=["none", "all", "output"], default="none",
+                        help="smooth fields where they fold: every estimate and vote, or only the field each section "
+                        "is rendered through (its targets keep the estimate; rendered and filled chains)")
+    parser.add_argument("--tear-free", type=float, default=0.0,
+                        help="block matching keeps its largest set of patches linked where neighbouring vectors differ "
+                        "by less than this x stride (0: off)")
     args = parser.parse_args()
     try:
         deformation = quality.parse_deformation(args.deform)
     except ValueError as error:
         parser.error(str(error))
+    if args.unfold == "output" and args.chain not in ("rendered", "filled"):
+        parser.error("--unfold output needs --chain rendered or filled (their targets are rendered separately)")
     torch.set_num_threads(args.threads)
     estimate = pair_floor.estimator(args.stages)
-    quality.vector_vote = lambda c, temperature, blur_sigma: (  # the bench's vote, as asked
-        median_vote(c) if args.vote == "median" and c.shape[0] >= 3
-        else (c.mean(0), None) if args.vote == "mean"
-        else vector_vote(c, temperature=args.vote_temperature, blur_sigma=args.vote_blur))
+    if args.unfold == "all":
+        estimated = estimate
+        estimate = lambda moving, reference: fold_repair.unfold(estimated(moving, reference))  # noqa: E731
+    voted_folds: list[float] = []
+    torn_votes: list[torch.Tensor] = []  # --unfold output: the voted field before the repair, for the targets
+
+    def vote(c: torch.Tensor, temperature: float, blur_sigma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The bench's vote, as asked; repaired where it folds with --unfold; its folded share recorded."""
+        field, spread = (median_vote(c) if args.vote == "median" and c.shape[0] >= 3
+                         else (c.mean(0), None) if args.vote == "mean"
+                         else vector_vote(c, temperature=args.vote_temperature, blur_sigma=args.vote_blur))
+        if args.unfold == "output":
+            torn_votes.append(field)
+        if args.unfold != "none":
+            field = fold_repair.unfold(field)
+        voted_folds.append(float((fields.jacobian_determinant(fields.resample(field, 0, 2)) <= 0).float().mean()))
+        return field, spread
+
+    quality.vector_vote = vote
+    torn_targets = (lambda field, aligned, target: torn_votes.pop() if torn_votes else field) \
+        if args.unfold == "output" else None
     stack = quality.load_stack(args.sections)
     deformed = quality.deformed_stack(stack, args.seed_base, **deformation)
 
     chains = {
-        "rendered": lambda s: quality.serial_align(s, estimate, args.k)[0],
+        "rendered": lambda s: quality.serial_align(s, estimate, args.k, target_field=torn_targets)[0],
         "compose": lambda s: compose_align(s, estimate, args.k, args.median),
         "decay": lambda s: compose_align(s, estimate, 1, 0, carry=decayed_carry(args.decay)),
         "template": lambda s: template_align(s, estimate, args.k),
-        "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True)[0],
+        "filled": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True, target_field=torn_targets)[0],
         "solve": lambda s: link_solve.solve_align(s, estimate, args.k, args.stages),
         "affine": lambda s: quality.serial_align(s, estimate, args.k, fill_targets=True,
                                                  target_field=affine_targets(args.median))[0],
     }
-    from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
+    with fold_repair.tear_free(args.tear_free) if args.tear_free > 0 else contextlib.nullcontext():
+        from_deformed, from_published = chains[args.chain](deformed), chains[args.chain](stack)
     print("| z | robustness median / p95 px | rejected | all patches median / p95 px |")
     print("|---|---|---|---|")
     measured, rejected_total, total = [], 0, 0
@@ -213,6 +246,9 @@ def main() -> None:
     print(f"neighbour correlation ratio: published stack aligned "
           f"{quality.neighbour_correlation(from_published) / published_nc:.3f}, deformed stack aligned "
           f"{quality.neighbour_correlation(from_deformed) / published_nc:.3f}")
+    if voted_folds:
+        print(f"voted fields fold on {100 * np.mean(voted_folds):.2f} % of their MIP-2 pixels (mean), "
+              f"{100 * np.max(voted_folds):.1f} % at most")
     if args.montage:
         rows = [np.concatenate([s[z, 0].numpy() for z in range(args.sections)], 1)
                 for s in (from_deformed, from_published)]

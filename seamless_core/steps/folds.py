@@ -1,9 +1,10 @@
 """How much of a written field folds: a figure in the step's report and a warning in its log.
 
 Where a field's Jacobian determinant is <= 0 the map p -> p + f(p) turns over: the render samples the
-same source pixels twice there (tissue duplicated, mirrored or smeared) and drops others. A fold is a
-wrong match (block matching locked onto a different structure over a region), not a deformation to
-keep, so the steps that write the fields the images are rendered through (vector_vote, compose) count
+same source pixels twice there (tissue duplicated, mirrored or smeared) and drops others. Closing a
+crack's gap squeezes a band to a line and counts too (0.2 % of the pixels in the workflow's exact
+plumbing test); more than that is a wrong match (block matching locked onto a different structure over
+a region). The steps that write the fields the images are rendered through (vector_vote, compose) count
 the folded pixels of each chunk and report their share; above FOLD_WARNING_SHARE they say so in the
 task log, naming the section. docs/estimators.md ("Folds") has the measured figures.
 """
