@@ -16,6 +16,7 @@ stitching, compose with decay, final render), with the metrics of bench/align_qu
   and against the published stack aligned with the same block size (which leaves out how the published
   stack's own alignment differs between block sizes);
 * the same block-10 pair with `blocks.fill_targets: false`, to show what filled targets buy;
+* the share of the final fields' pixels that fold (their compose steps' reports), published and deformed;
 * CPU wall time of each run;
 * how much one draw says: the chains are chaotic, so the deformed stack is also drawn with other seed
   bases (`--draws`), and block 10's robustness and the block sizes' comparison are given per draw and
@@ -46,6 +47,7 @@ from align_quality import DRAW, deformed_stack, load_stack, neighbour_correlatio
 from report import write_section  # noqa: E402
 from seamless_core.cli import main as seamless  # noqa: E402
 from seamless_core.geometry import BBox  # noqa: E402
+from seamless_core.report import read_folds  # noqa: E402
 from seamless_core.volumes import LayerKind, create_from_info, make_image_info, open_layer  # noqa: E402
 
 PROJECT = """\
@@ -82,6 +84,12 @@ def align(root: Path, name: str, source: str, depth: int, block: int, stages: st
     bounds = image.bounds(0)
     data = image.read(bounds)
     return torch.from_numpy(data.astype(np.float32) / 255.0), seconds
+
+
+def folds(destination: Path, sections: int) -> tuple[float, float]:
+    """Mean and largest share of a run's final-field pixels that fold, from its compose steps' reports."""
+    shares = list(read_folds(f"file://{destination}", range(sections)).values())
+    return (float(np.mean(shares)), float(np.max(shares))) if shares else (float("nan"), float("nan"))
 
 
 def shifts_per_section(a: torch.Tensor, b: torch.Tensor) -> list[np.ndarray]:
@@ -141,6 +149,8 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
         others = [z for z in range(1, sections) if z not in after_boundary]
         drift = [float(np.median(s)) for s in shifts_per_section(published, aligned_pub) if s.size]
         nc_pub = neighbour_correlation(published[:, None] if published.dim() == 3 else published)
+        folded = {"published": folds(root / "aligned_published_b10", sections),
+                  "deformed": folds(root / f"aligned_deformed_{DRAW}_b10", sections)}
         return {
             "sections": sections, "stages": stages, "workers": workers,
             "robust_median_px": robust_median, "robust_p95_px": robust_p95,
@@ -152,6 +162,7 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
             "blocks": {b: {**figures(r), "seconds": r["seconds"]} for b, r in runs.items()},
             "unfilled_px": summary(shifts_per_section(unfilled, unfilled_pub)),
             "seconds_published": t_pub,
+            "folds": folded,
             "draws": {seed: {b: figures(r) for b, r in dr.items()} for seed, dr in draw_runs.items()},
         }
     finally:
@@ -189,6 +200,10 @@ def table(r: dict) -> str:
                     f"{own[1] / ref_own[1]:.2f}×); {figures['seconds']:.0f} s | within 20 % |")
     rows.append(f"| block size 10 with `blocks.fill_targets: false` (holes of the targets left black): robustness "
                 f"median / p95 | {r['unfilled_px'][0]:.2f} / {r['unfilled_px'][1]:.2f} px | (for comparison) |")
+    rows.append("| final fields that fold (Jacobian determinant ≤ 0; docs/estimators.md, \"Folds\"), share of their "
+                "pixels per section, mean / most: published; deformed stack (block 10) | "
+                + "; ".join(f"{100 * mean:.1f} / {100 * most:.1f} %" for mean, most in r["folds"].values())
+                + " | reported |")
     rows.append(f"| wall time, published stack (block 10) | {r['seconds_published']:.0f} s | recorded |")
     draws = r["draws"]
     if len(draws) > 1:
