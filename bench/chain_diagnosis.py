@@ -32,7 +32,7 @@ the share of the voted fields' pixels that fold (docs/estimators.md, "Folds").
 The table gives, per section, the patches that pass the peak test and all patches (peak >= 0); the
 last lines give the neighbour-correlation ratios of both chains (bench/align_quality.py's metric).
 
-Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+soft] [+jitter] [+lk]] [--k 3]
+Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+interiorB] [+soft] [+jitter] [+lk]] [--k 3]
      [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median|mean]
      [--chain rendered|filled|compose|template|affine|solve|decay] [--median 0] [--decay 0.8] [--margin 32]
      [--montage chains.png] [--seed-base 1000] [--deform crack_opening=0,...] [--unfold none|all|output]
@@ -147,7 +147,7 @@ def affine_targets(window: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", type=int, default=6)
-    parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+soft', '+jitter', '+lk' (pair_floor.py)")
+    parser.add_argument("--stages", default="serial", help="a preset name or a JSON stage list, '+interiorB', '+soft', '+jitter', '+lk' (pair_floor.py)")
     parser.add_argument("--k", type=int, default=3, help="vote targets per section (--chain template: sections averaged into the template)")
     parser.add_argument("--vote-blur", type=float, default=2.0, help="px over which the vote judges agreement")
     parser.add_argument("--vote-temperature", type=float, default=1.0, help="px: the vote's softmin temperature")

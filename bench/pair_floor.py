@@ -14,7 +14,8 @@ that morphs a section into its neighbour. docs/estimators.md tabulates both for 
 Run: .venv/bin/python bench/pair_floor.py [--sections 1,3,5,7] NAME=SPEC [NAME=SPEC ...]
      (SPEC: a preset name, e.g. serial or exact, or a JSON stage list; "+jitter" after it runs block
      matching jittered, bench/jitter.py's prototype, and "+soft" (before any "+jitter") with continuous patch
-     weights, bench/soft_matching.py's; "+lk" then refines each field with bench/patch_lk.py's;
+     weights, bench/soft_matching.py's, and "+interiorB" without the patches within B px of the frame's border,
+     bench/border_patches.py's; "+lk" then refines each field with bench/patch_lk.py's;
      "+smoothS" last projects the field onto a cubic B-spline with knots S px apart, bench/smooth_projection.py's
      prototype, and "+smoothS+refitN" re-estimates around that spline N more times)
 """
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as quality  # noqa: E402
+import border_patches  # noqa: E402
 import jitter  # noqa: E402
 import soft_matching  # noqa: E402
 import patch_lk  # noqa: E402
@@ -50,18 +52,21 @@ def crack_gap(z: int, size: int) -> np.ndarray:
 def estimator(spec_text: str):
     """(moving, reference) -> field for a preset name or a JSON stage list; "+lk" refines the field with
     bench/patch_lk.py, "+jitter" runs block matching jittered (bench/jitter.py), "+soft" with continuous patch weights
-    (bench/soft_matching.py), "+smoothS[+refitN]"
+    (bench/soft_matching.py), "+interiorB" without the patches within B px of the border (bench/border_patches.py),
+    "+smoothS[+refitN]"
     projects it onto a spline (bench/smooth_projection.py); all three are prototypes, see there."""
     base, _, spacing = spec_text.partition("+smooth")
     spec_text = base if spacing else spec_text
     base, lk = (spec_text[: -len("+lk")], True) if spec_text.endswith("+lk") else (spec_text, False)
     base, jittered = (base[: -len("+jitter")], True) if base.endswith("+jitter") else (base, False)
     base, soft = (base[: -len("+soft")], True) if base.endswith("+soft") else (base, False)
+    base, _, interior = base.partition("+interior")
     spec = parse_stages(PRESETS[base] if base in PRESETS else json.loads(base))
 
     def estimate(moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         with (jitter.jittered_block_matching() if jittered else contextlib.nullcontext(),
-              soft_matching.soft_block_matching() if soft else contextlib.nullcontext()):
+              soft_matching.soft_block_matching() if soft else contextlib.nullcontext(),
+              border_patches.interior_block_matching(float(interior)) if interior else contextlib.nullcontext()):
             field = quality.field_seamless(moving, reference, spec)
         field = patch_lk.refine(moving, reference, field) if lk else field
         if not spacing:
