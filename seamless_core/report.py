@@ -7,6 +7,7 @@ It reads what the workflow leaves under a destination folder (the contract, see 
     {dst}/cpc_source   CPC of the unaligned source stack, same MIP and patch (the "before")
     {dst}/.seamless/steps/z<z>.compose.json   optional: the compose steps' markers, whose reports give
                        the share of each section's final field that folds (docs/estimators.md, "Folds")
+                       and how far it turns and shifts the section (its rigid part, "Drift")
 
 and writes `index.html` with plots of per-section CPC before and after, a table of every section, the
 worst sections with before/after thumbnails and red/green overlays of each section and its neighbour,
@@ -156,18 +157,48 @@ def read_summaries(cpc: CpcInput, sections: Sequence[int], first_z: int) -> None
 
 
 # -- the worst windows ------------------------------------------------------------------------------------
-def read_folds(destination: str, sections: Sequence[int]) -> dict[int, float]:
-    """z -> the share of its final field that folds, for the sections whose compose marker reports one."""
+def read_compose_reports(destination: str, sections: Sequence[int]) -> dict[int, dict]:
+    """z -> the report its compose step left in its marker (the sections that have one)."""
     markers = Layout(destination).markers
     files = CloudFiles(markers, secrets=storage_secrets(markers))
     names = [f"{compose_step(z)}.json" for z in sections]
     found = with_retries(lambda: files.get_json(names), f"reading the compose steps' markers under {markers}")
-    shares = {}
-    for z, marker in zip(sections, found):
-        share = (marker.get("report") or {}).get("folded_share") if isinstance(marker, dict) else None
-        if isinstance(share, (int, float)):
-            shares[z] = float(share)
-    return shares
+    return {z: marker["report"] for z, marker in zip(sections, found)
+            if isinstance(marker, dict) and isinstance(marker.get("report"), dict)}
+
+
+def read_folds(destination: str, sections: Sequence[int],
+               reports: dict[int, dict] | None = None) -> dict[int, float]:
+    """z -> the share of its final field that folds, for the sections whose compose marker reports one."""
+    reports = read_compose_reports(destination, sections) if reports is None else reports
+    return {z: float(r["folded_share"]) for z, r in reports.items() if isinstance(r.get("folded_share"), (int, float))}
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The rigid part of a section's final field (steps/drift.py): how far it turns and shifts the section."""
+
+    rotation_deg: float
+    shift_px: float  # of the section's centre, MIP-0 pixels
+    bend_px: float | None  # RMS of the field's non-rigid rest, MIP-0 pixels
+
+    @property
+    def degrees(self) -> str:
+        return f"{round(self.rotation_deg, 2) + 0.0:+.2f}°"  # + 0.0: never "-0.00°"
+
+    def text(self) -> str:
+        return f"{self.degrees} / {self.shift_px:.1f} px"
+
+
+def read_drift(reports: dict[int, dict]) -> dict[int, Drift]:
+    """z -> its final field's rigid part, for the sections whose compose marker reports one."""
+    out = {}
+    for z, report in reports.items():
+        rotation, shift = report.get("drift_rotation_deg"), report.get("drift_shift_px")
+        bend = report.get("drift_nonrigid_rms_px")
+        if isinstance(rotation, (int, float)) and isinstance(shift, (int, float)):
+            out[z] = Drift(float(rotation), float(shift), float(bend) if isinstance(bend, (int, float)) else None)
+    return out
 
 
 def worst_windows(cpc: CpcInput, image: Layer, count: int) -> list[Window]:
@@ -374,7 +405,8 @@ def build_report(source: str, destination: str, out_dir: Path, *, z_range: tuple
                     key=lambda z: (ranked_by.value(z, "median"), z))
     worst_sections = ranked[:worst]
     windows = worst_windows(after, image, worst)
-    folds = read_folds(destination, sections)
+    compose_reports = read_compose_reports(destination, sections)
+    folds, drift = read_folds(destination, sections, compose_reports), read_drift(compose_reports)
     log.info("report: %d sections, worst %s, %d worst windows", len(sections), worst_sections, len(windows))
 
     out_dir = Path(out_dir)
@@ -400,7 +432,7 @@ def build_report(source: str, destination: str, out_dir: Path, *, z_range: tuple
     page = _render_page(
         src=src, image=image, after=after, before=before, sections=sections, worst_sections=worst_sections,
         windows=windows, views=views, plots=plots, thumb_mip=mip, thumb_resolution=resolution,
-        ranked_by=ranked_by, serve_root=root, folds=folds, markers=Layout(destination).markers,
+        ranked_by=ranked_by, serve_root=root, folds=folds, drift=drift, markers=Layout(destination).markers,
     )
     index = out_dir / "index.html"
     write_atomic(index, lambda handle: handle.write(page.encode("utf-8")))
@@ -507,6 +539,27 @@ def _fold_stats(folds: dict[int, float], sections: Sequence[int], markers: str) 
     return esc(text) + " (where the render shows tissue twice: docs/estimators.md, “Folds”)"
 
 
+def _pixels(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f} px"
+
+
+def _drift_stats(drift: dict[int, Drift], sections: Sequence[int], markers: str) -> str:
+    """The header's drift figures: the sections the final fields turn and shift the most."""
+    known = [z for z in sections if z in drift]
+    if not known:
+        return ('<span class="na">not reported</span>' + esc(f": no compose step reports under {markers} "
+                "(`seamless align` and the DAGs leave them there)"))
+    turned = max(known, key=lambda z: (abs(drift[z].rotation_deg), -z))
+    shifted = max(known, key=lambda z: (drift[z].shift_px, -z))
+    bends = [drift[z].bend_px for z in known if drift[z].bend_px is not None]
+    return esc(f"the final fields turn the sections by up to {drift[turned].degrees} (section {turned}) "
+               f"and shift their centres by up to {drift[shifted].shift_px:.1f} px at MIP 0 (section {shifted}), "
+               f"against the source ({len(known)} sections)"
+               + (f"; beyond that rigid part they bend them by {float(np.median(bends)):.1f} px RMS (median over "
+                  f"the sections, most {max(bends):.1f} px)" if bends else "")) + \
+        " (a serial aligner follows the content, so a long stack can turn: docs/estimators.md, “Drift”)"
+
+
 def _link(label: str, url: str) -> str:
     return f'<a href="{esc(url)}">{esc(label)}</a>'
 
@@ -514,7 +567,7 @@ def _link(label: str, url: str) -> str:
 def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput, sections: Sequence[int],
                  worst_sections: Sequence[int], windows: Sequence[Window], views: Sequence[SectionView],
                  plots: dict[str, str], thumb_mip: int, thumb_resolution: Sequence[float], ranked_by: CpcInput,
-                 serve_root: str | None, folds: dict[int, float], markers: str) -> str:
+                 serve_root: str | None, folds: dict[int, float], drift: dict[int, Drift], markers: str) -> str:
     def centre(layer: Layer) -> tuple[float, float]:
         b = layer.bounds(0)
         return (b.start[0] + b.size[0] / 2, b.start[1] + b.size[1] / 2)
@@ -559,6 +612,7 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
         ("CPC before (source)", _stats(before, sections)),
         ("CPC after (aligned)", _stats(after, sections)),
         ("Folds", _fold_stats(folds, sections, markers)),
+        ("Drift", _drift_stats(drift, sections, markers)),
     ]
     for key, value in rows:
         w(f'<tr><th class="text">{esc(key)}</th><td class="text">{value}</td></tr>')
@@ -590,6 +644,8 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
           f'(<span class="{cls}">{fmt(delta, signed=True)}</span>); 5th percentile before '
           f"{fmt(before.value(z, 'p5'))}, after {fmt(after.value(z, 'p5'))}"
           + (f"; the final field folds on {_percent(folds[z])}" if z in folds else "")
+          + (f"; it turns the section by {drift[z].degrees} and shifts its centre by "
+             f"{drift[z].shift_px:.1f} px" if z in drift else "")
           + f". Neuroglancer: {links(z, both=True)}</p>")
         view = views_by_z.get(z)
         if view:
@@ -632,7 +688,8 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
     # every section
     w('<h2 id="sections-title">Every section</h2>')
     w('<table id="sections"><tr><th>z</th><th>median before</th><th>median after</th><th>change</th>'
-      '<th>p5 before</th><th>p5 after</th><th>folds</th><th class="text">Neuroglancer</th></tr>')
+      '<th>p5 before</th><th>p5 after</th><th>folds</th><th class="text">turn / shift</th><th>bend</th>'
+      '<th class="text">Neuroglancer</th></tr>')
     for z in sections:
         delta, cls = change(z)
         row_cls = ' class="worst"' if z in worst_set else ""
@@ -643,6 +700,8 @@ def _render_page(*, src: Layer, image: Layer, after: CpcInput, before: CpcInput,
           f'<td class="p5-before">{fmt(before.value(z, "p5"))}</td>'
           f'<td class="p5-after">{fmt(after.value(z, "p5"))}</td>'
           f'<td class="folds">{_percent(folds.get(z))}</td>'
+          f'<td class="drift text">{esc(drift[z].text()) if z in drift else "—"}</td>'
+          f'<td class="bend">{_pixels(drift[z].bend_px if z in drift else None)}</td>'
           f'<td class="text">{links(z)}</td></tr>')
     w("</table>")
     w("</body></html>")

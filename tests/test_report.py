@@ -270,9 +270,10 @@ def test_a_section_without_tissue_is_named_and_not_ranked(copy_of: Path, tmp_pat
     assert any("no scored window in section 3" in note for note in page.notes)
 
 
-def test_folds_come_from_the_compose_steps_markers(copy_of: Path, tmp_path: Path, capsys) -> None:
-    """Real compose steps, run with restart markers as the workflow runs them, leave the folded share of
-    each final field; the page shows it per section and names the sections above the warning."""
+def test_folds_and_drift_come_from_the_compose_steps_markers(copy_of: Path, tmp_path: Path, capsys) -> None:
+    """Real compose steps, run with restart markers as the workflow runs them, leave the folded share and
+    the rigid part of each final field; the page shows both per section and names the sections above the
+    fold warning and the most shifted one."""
     import torch
 
     from seamless_core import fields
@@ -300,9 +301,18 @@ def test_folds_come_from_the_compose_steps_markers(copy_of: Path, tmp_path: Path
     assert page.rows[2]["folds"] == f"{100 * expected:.1f} %"
     html = (tmp_path / "r" / "index.html").read_text()
     assert "above 1.0 %: sections 2 " in html and "final field folds on" in html
+    # the same markers give each final field's rigid part: sections 1 and 3 are pure shifts of 3 and 2 px
+    assert page.rows[0]["drift"] == "—"
+    assert page.rows[1]["drift"] == "+0.00° / 3.0 px" and page.rows[3]["drift"] == "+0.00° / 2.0 px"
+    assert page.rows[1]["bend"] == page.rows[3]["bend"] == "0.0 px"  # a shift does not bend
+    assert float(page.rows[2]["bend"].removesuffix(" px")) > 1.0  # the folding ramp does
+    shift_2 = page.rows[2]["drift"].split(" / ")[1]  # the folding field also shifts section 2 the most
+    assert float(shift_2.removesuffix(" px")) > 3.0
+    assert f"shift their centres by up to {shift_2} at MIP 0 (section 2)" in html
 
     for z in (1, 2, 3):  # without the markers the page says folds were not counted, and why
         (dst / ".seamless" / "steps" / f"{compose_step(z)}.json").unlink()
     page = Page(build_report(str(copy_of / "src"), str(dst), tmp_path / "r2", worst=1).read_text())
-    assert {row["folds"] for row in page.rows.values()} == {"—"}
-    assert "not counted" in (tmp_path / "r2" / "index.html").read_text()
+    assert {row[column] for row in page.rows.values() for column in ("folds", "drift", "bend")} == {"—"}
+    html = (tmp_path / "r2" / "index.html").read_text()
+    assert "not counted" in html and "not reported" in html

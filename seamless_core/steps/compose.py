@@ -9,7 +9,8 @@ blocks before it, each faded by its distance from the stitch:
 Per chunk the displacement d starts at 0 and, term by term, d += w_i * T_i(p + d): each term is read
 over exactly the window the current displacement reaches into (read with edge replication, sampled
 bilinearly), so displacements larger than a chunk compose correctly; beyond `max_reach` the step
-refuses instead of clipping. The report counts the composed field's folded pixels (steps/folds.py).
+refuses instead of clipping. The report counts the composed field's folded pixels (steps/folds.py) and
+gives its rigid part, how far it turns and shifts the section (steps/drift.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..pipeline import run_chunks
 from ..progress import Progress, StepReport
 from ..volumes import Layer, LayerKind, check_same_grid, check_within, create_layer, open_layer
 from .common import check_processing_chunk, processing_chunks, read_field, to_numpy
+from .drift import DriftTally
 from .folds import FoldTally
 from .render import source_region
 
@@ -53,6 +55,8 @@ def compose_fields(terms: list[ComposeTerm], dst: Layer, region: BBox, params: C
     device = resolve_device(params.device)
     chunks = processing_chunks(dst, region, params.chunk_xy)
     folds = FoldTally("compose: the composed field of")
+    drift = DriftTally(centre=(region.start[0] + (region.size[0] - 1) / 2, region.start[1] + (region.size[1] - 1) / 2),
+                       scale=dst.resolution(params.mip)[0] / dst.resolution(0)[0])
 
     def compute(chunk: BBox, _: None) -> np.ndarray:
         height, width = chunk.size[1], chunk.size[0]
@@ -60,13 +64,14 @@ def compose_fields(terms: list[ComposeTerm], dst: Layer, region: BBox, params: C
         for term in terms:
             displacement = displacement + term.weight * _sample_term(term, chunk, displacement, params)
         folds.add(displacement)
+        drift.add(displacement, (chunk.start[0], chunk.start[1]))
         return to_numpy(displacement, "float32")
 
     progress = Progress(f"compose z={region.start[2]}", len(chunks), interval=progress_interval)
     run_chunks(chunks, lambda chunk: None, compute, dst.write, progress, prefetch=params.prefetch)
     report = progress.close()
     report.details.update({"mip": params.mip, "terms": [{"layer": t.layer.path, "z": t.z, "weight": t.weight} for t in terms],
-                           **folds.details()})
+                           **folds.details(), **drift.details()})
     folds.warn_if_folded(region.start[2])
     return report
 
