@@ -17,6 +17,7 @@ stitching, compose with decay, final render), with the metrics of bench/align_qu
   stack's own alignment differs between block sizes);
 * the same block-10 pair with `blocks.fill_targets: false`, to show what filled targets buy;
 * the share of the final fields' pixels that fold (their compose steps' reports), published and deformed;
+* the final fields' rigid part (largest turn and centre shift) and their bend beyond it, from the same reports;
 * CPU wall time of each run;
 * how much one draw says: the chains are chaotic, so the deformed stack is also drawn with other seed
   bases (`--draws`), and block 10's robustness and the block sizes' comparison are given per draw and
@@ -47,7 +48,7 @@ from align_quality import DRAW, deformed_stack, load_stack, neighbour_correlatio
 from report import write_section  # noqa: E402
 from seamless_core.cli import main as seamless  # noqa: E402
 from seamless_core.geometry import BBox  # noqa: E402
-from seamless_core.report import read_folds  # noqa: E402
+from seamless_core.report import read_compose_reports, read_drift, read_folds  # noqa: E402
 from seamless_core.volumes import LayerKind, create_from_info, make_image_info, open_layer  # noqa: E402
 
 PROJECT = """\
@@ -90,6 +91,17 @@ def folds(destination: Path, sections: int) -> tuple[float, float]:
     """Mean and largest share of a run's final-field pixels that fold, from its compose steps' reports."""
     shares = list(read_folds(f"file://{destination}", range(sections)).values())
     return (float(np.mean(shares)), float(np.max(shares))) if shares else (float("nan"), float("nan"))
+
+
+def drift_of_fields(destination: Path, sections: int) -> tuple[float, float, float]:
+    """Largest turn (degrees, by magnitude), largest centre shift (MIP-0 px) and median bend (px RMS) of a
+    run's final fields, from their compose steps' reports (steps/drift.py)."""
+    drift = read_drift(read_compose_reports(f"file://{destination}", range(sections)))
+    if not drift:
+        return float("nan"), float("nan"), float("nan")
+    bends = [d.bend_px for d in drift.values() if d.bend_px is not None]
+    return (max((d.rotation_deg for d in drift.values()), key=abs), max(d.shift_px for d in drift.values()),
+            float(np.median(bends)) if bends else float("nan"))
 
 
 def shifts_per_section(a: torch.Tensor, b: torch.Tensor) -> list[np.ndarray]:
@@ -151,6 +163,8 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
         nc_pub = neighbour_correlation(published[:, None] if published.dim() == 3 else published)
         folded = {"published": folds(root / "aligned_published_b10", sections),
                   "deformed": folds(root / f"aligned_deformed_{DRAW}_b10", sections)}
+        field_drift = {"published": drift_of_fields(root / "aligned_published_b10", sections),
+                       "deformed": drift_of_fields(root / f"aligned_deformed_{DRAW}_b10", sections)}
         return {
             "sections": sections, "stages": stages, "workers": workers,
             "robust_median_px": robust_median, "robust_p95_px": robust_p95,
@@ -163,6 +177,7 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
             "unfilled_px": summary(shifts_per_section(unfilled, unfilled_pub)),
             "seconds_published": t_pub,
             "folds": folded,
+            "field_drift": field_drift,
             "draws": {seed: {b: figures(r) for b, r in dr.items()} for seed, dr in draw_runs.items()},
         }
     finally:
@@ -203,6 +218,11 @@ def table(r: dict) -> str:
     rows.append("| final fields that fold (Jacobian determinant ≤ 0; docs/estimators.md, \"Folds\"), share of their "
                 "pixels per section, mean / most: published; deformed stack (block 10) | "
                 + "; ".join(f"{100 * mean:.1f} / {100 * most:.1f} %" for mean, most in r["folds"].values())
+                + " | reported |")
+    rows.append("| final fields' rigid part and bend (their compose steps' reports; docs/estimators.md, \"Drift\"): "
+                "largest turn, largest shift of a section's centre, median bend (RMS beyond the rigid part): "
+                "published; deformed stack (block 10) | "
+                + "; ".join(f"{turn:+.2f}°, {shift:.1f} px, {bend:.1f} px" for turn, shift, bend in r["field_drift"].values())
                 + " | reported |")
     rows.append(f"| wall time, published stack (block 10) | {r['seconds_published']:.0f} s | recorded |")
     draws = r["draws"]
