@@ -60,8 +60,13 @@ def test_the_rest_is_the_non_rigid_part_and_chunks_add_up_to_the_whole() -> None
     assert (shift_x, shift_y) == pytest.approx((4.0, 2.0), abs=0.3)
 
 
-def test_the_report_converts_to_mip_0_pixels_and_says_nothing_when_empty() -> None:
+def test_the_report_converts_to_mip_0_pixels_and_says_nothing_when_empty_or_not_finite() -> None:
     assert DriftTally((0.0, 0.0)).details() == {}
+    broken = rigid_field(1.0, (2.0, 0.0))
+    broken[0, 0, 5, 7] = float("nan")
+    tally = DriftTally(((SIZE - 1) / 2, (SIZE - 1) / 2))
+    tally.add(broken, (0, 0))
+    assert tally.fit() is None and tally.details() == {}
     tally = DriftTally(((SIZE - 1) / 2, (SIZE - 1) / 2), scale=4.0)  # a MIP-2 field: 4 MIP-0 px per px
     tally.add(rigid_field(0.0, (3.0, 4.0)), (0, 0))
     details = tally.details()

@@ -59,9 +59,10 @@ class DriftTally:
             self.sums[index] += float(value)
 
     def fit(self) -> tuple[float, float, float, float] | None:
-        """(angle in radians, shift x, shift y, RMS of the rest), in the field's pixels; None if empty."""
+        """(angle in radians, shift x, shift y, RMS of the rest), in the field's pixels; None if empty or
+        if the field had a non-finite value (no figure rather than a NaN in the report)."""
         n, spx, spy, sqx, sqy, sdot, scross, spp, sqq = self.sums
-        if n <= 0:
+        if n <= 0 or not all(math.isfinite(v) for v in self.sums):
             return None
         mpx, mpy, mqx, mqy = spx / n, spy / n, sqx / n, sqy / n
         dot = sdot - n * (mpx * mqx + mpy * mqy)  # Σ a·b over the centred a = p - mean p, b = q - mean q
@@ -77,7 +78,7 @@ class DriftTally:
         return angle, shift_x, shift_y, math.sqrt(rest)
 
     def details(self) -> dict[str, float]:
-        """The report's figures, in degrees and MIP-0 pixels (empty when nothing was added)."""
+        """The report's figures, in degrees and MIP-0 pixels (empty when there is no fit)."""
         fitted = self.fit()
         if fitted is None:
             return {}
