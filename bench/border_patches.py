@@ -10,15 +10,15 @@ interior as rejected patches are, is the same rule in both runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from seamless_core import fields
 from seamless_core.estimators import block_matching as bm
-from seamless_core.estimators import multiscale
 from seamless_core.estimators.base import Pair
+
+from estimator_swap import swapped_estimators
 
 
 class InteriorBlockMatching(bm.BlockMatching):
@@ -38,30 +38,19 @@ class InteriorBlockMatching(bm.BlockMatching):
         interior = (inside_y[:, None] & inside_x[None, :]).view(1, 1, len(q.centres_y), len(q.centres_x))
         accepted = q.accepted & interior
         residual_grid = bm.normalised_fill(torch.nan_to_num(q.displacement), accepted.float(), self.fill_sigma)
-        residual = bm._to_dense(residual_grid, q.centres_y, q.centres_x, h, w)
-        if self.smooth_sigma > 0:
-            residual = bm.gaussian_blur(residual, self.smooth_sigma)
-        total = fields.compose(residual, init.to(residual).expand(n, -1, -1, -1))
+        total = self.total_field(residual_grid, q.centres_y, q.centres_x, init)
         q.accepted = accepted
         self.last_quality = q
         return total, q
 
 
-@contextlib.contextmanager
-def interior_block_matching(border: float) -> Iterator[None]:
+def interior_block_matching(border: float) -> contextlib.AbstractContextManager[None]:
     """Within the block, multiscale.align_pair's block-matching stages ignore patches within `border` px."""
-    build = multiscale.build_estimator
+    def swap(estimator):  # noqa: ANN001, ANN202 - any estimator in, an estimator out
+        if type(estimator) is not bm.BlockMatching:
+            return estimator
+        interior = InteriorBlockMatching(**estimator.params.model_dump())
+        interior.border = border
+        return interior
 
-    def build_interior(spec):  # noqa: ANN001, ANN202 - the same signature as spec.build_estimator
-        estimator = build(spec)
-        if type(estimator) is bm.BlockMatching:
-            interior = InteriorBlockMatching(**estimator.params.model_dump())
-            interior.border = border
-            return interior
-        return estimator
-
-    multiscale.build_estimator = build_interior
-    try:
-        yield
-    finally:
-        multiscale.build_estimator = build
+    return swapped_estimators(swap)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 
-from seamless_core.estimators import multiscale
 from seamless_core.estimators.base import Pair
 from seamless_core.estimators.block_matching import BlockMatching
+
+from estimator_swap import swapped_estimators
 
 COUNT, RADIUS = 8, 4.0
 
@@ -49,17 +49,7 @@ class Jittered:
         return torch.stack(candidates).median(0).values
 
 
-@contextlib.contextmanager
-def jittered_block_matching(count: int = COUNT, radius: float = RADIUS) -> Iterator[None]:
+def jittered_block_matching(count: int = COUNT, radius: float = RADIUS) -> contextlib.AbstractContextManager[None]:
     """Within the block, multiscale.align_pair runs every block-matching stage jittered."""
-    build = multiscale.build_estimator
-
-    def build_jittered(spec):  # noqa: ANN001, ANN202 - the same signature as spec.build_estimator
-        estimator = build(spec)
-        return Jittered(estimator, count, radius) if isinstance(estimator, BlockMatching) else estimator
-
-    multiscale.build_estimator = build_jittered
-    try:
-        yield
-    finally:
-        multiscale.build_estimator = build
+    return swapped_estimators(
+        lambda estimator: Jittered(estimator, count, radius) if isinstance(estimator, BlockMatching) else estimator)

@@ -12,7 +12,6 @@ field is a continuous function of the images almost everywhere.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,9 @@ from torch import Tensor
 
 from seamless_core import fields
 from seamless_core.estimators import block_matching as bm
-from seamless_core.estimators import multiscale
 from seamless_core.estimators.base import Pair
+
+from estimator_swap import swapped_estimators
 
 RATIO_RAMP = 0.3  # the ratio weight rises from 0 at a tie (ratio 1) to 1 at 1 + RATIO_RAMP
 PEAK_RAMP = 0.15  # the peak weight rises over min_peak -/+ PEAK_RAMP
@@ -66,29 +66,13 @@ class SoftBlockMatching(bm.BlockMatching):
                                     torch.ones_like(deviation))
         weight = weight * agreement
         fill = bm.normalised_fill(values, weight, self.fill_sigma, keep=False)
-        grid = weight * values + (1 - weight) * fill
-        residual = bm._to_dense(grid, q.centres_y, q.centres_x, h, w)
-        if self.smooth_sigma > 0:
-            residual = bm.gaussian_blur(residual, self.smooth_sigma)
-        total = fields.compose(residual, init.to(residual).expand(n, -1, -1, -1))
+        total = self.total_field(weight * values + (1 - weight) * fill, q.centres_y, q.centres_x, init)
         q.accepted = weight > 0.5
         self.last_quality = q
         return total, q
 
 
-@contextlib.contextmanager
-def soft_block_matching() -> Iterator[None]:
+def soft_block_matching() -> contextlib.AbstractContextManager[None]:
     """Within the block, multiscale.align_pair runs every block-matching stage with soft weights."""
-    build = multiscale.build_estimator
-
-    def build_soft(spec):  # noqa: ANN001, ANN202 - the same signature as spec.build_estimator
-        estimator = build(spec)
-        if type(estimator) is bm.BlockMatching:
-            return SoftBlockMatching(**estimator.params.model_dump())
-        return estimator
-
-    multiscale.build_estimator = build_soft
-    try:
-        yield
-    finally:
-        multiscale.build_estimator = build
+    return swapped_estimators(lambda estimator: SoftBlockMatching(**estimator.params.model_dump())
+                              if type(estimator) is bm.BlockMatching else estimator)

@@ -274,10 +274,7 @@ class BlockMatching:
 
         weights = acc_grid.float()
         residual_grid = normalised_fill(torch.nan_to_num(disp_grid), weights, self.fill_sigma)
-        residual = _to_dense(residual_grid, cy, cx, h, w)
-        if self.smooth_sigma > 0:
-            residual = gaussian_blur(residual, self.smooth_sigma)
-        total = fields.compose(residual, init.expand(n, -1, -1, -1))
+        total = self.total_field(residual_grid, cy, cx, init)
         quality = MatchQuality(
             peak=peak.reshape(n, 1, ny, nx),
             ratio=ratio.reshape(n, 1, ny, nx),
@@ -289,6 +286,15 @@ class BlockMatching:
         )
         self.last_quality = quality
         return total, quality
+
+    def total_field(self, residual_grid: Tensor, centres_y: Tensor, centres_x: Tensor, init: Tensor) -> Tensor:
+        """The total field (N, 2, H, W) from one residual vector per patch (N, 2, ny, nx): interpolated
+        between the patch centres, smoothed, composed with `init` (N or 1, 2, H, W)."""
+        h, w = init.shape[-2:]
+        residual = _to_dense(residual_grid, centres_y, centres_x, h, w)
+        if self.smooth_sigma > 0:
+            residual = gaussian_blur(residual, self.smooth_sigma)
+        return fields.compose(residual, init.to(residual).expand(residual.shape[0], -1, -1, -1))
 
     def _consistent(self, disp: Tensor, accepted: Tensor) -> Tensor:
         """True where a patch agrees with the median of its accepted neighbours (or has < 2 of them)."""
