@@ -87,21 +87,20 @@ def align(root: Path, name: str, source: str, depth: int, block: int, stages: st
     return torch.from_numpy(data.astype(np.float32) / 255.0), seconds
 
 
-def folds(destination: Path, sections: int) -> tuple[float, float]:
-    """Mean and largest share of a run's final-field pixels that fold, from its compose steps' reports."""
-    shares = list(read_folds(f"file://{destination}", range(sections)).values())
-    return (float(np.mean(shares)), float(np.max(shares))) if shares else (float("nan"), float("nan"))
-
-
-def drift_of_fields(destination: Path, sections: int) -> tuple[float, float, float]:
-    """Largest turn (degrees, by magnitude), largest centre shift (MIP-0 px) and median bend (px RMS) of a
-    run's final fields, from their compose steps' reports (steps/drift.py)."""
-    drift = read_drift(read_compose_reports(f"file://{destination}", range(sections)))
-    if not drift:
-        return float("nan"), float("nan"), float("nan")
+def final_field_figures(destination: Path, sections: int) -> dict[str, tuple[float, ...]]:
+    """From a run's compose steps' reports (read once): "folds", the mean and largest share of its final
+    fields' pixels that fold; "drift", their largest turn (degrees, by magnitude), largest centre shift
+    (MIP-0 px) and median bend (px RMS; steps/drift.py)."""
+    reports = read_compose_reports(f"file://{destination}", range(sections))
+    shares = list(read_folds(reports).values())
+    drift = read_drift(reports)
     bends = [d.bend_px for d in drift.values() if d.bend_px is not None]
-    return (max((d.rotation_deg for d in drift.values()), key=abs), max(d.shift_px for d in drift.values()),
-            float(np.median(bends)) if bends else float("nan"))
+    nan = float("nan")
+    return {
+        "folds": (float(np.mean(shares)), float(np.max(shares))) if shares else (nan, nan),
+        "drift": (max((d.rotation_deg for d in drift.values()), key=abs), max(d.shift_px for d in drift.values()),
+                  float(np.median(bends)) if bends else nan) if drift else (nan, nan, nan),
+    }
 
 
 def shifts_per_section(a: torch.Tensor, b: torch.Tensor) -> list[np.ndarray]:
@@ -161,10 +160,8 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
         others = [z for z in range(1, sections) if z not in after_boundary]
         drift = [float(np.median(s)) for s in shifts_per_section(published, aligned_pub) if s.size]
         nc_pub = neighbour_correlation(published[:, None] if published.dim() == 3 else published)
-        folded = {"published": folds(root / "aligned_published_b10", sections),
-                  "deformed": folds(root / f"aligned_deformed_{DRAW}_b10", sections)}
-        field_drift = {"published": drift_of_fields(root / "aligned_published_b10", sections),
-                       "deformed": drift_of_fields(root / f"aligned_deformed_{DRAW}_b10", sections)}
+        final = {"published": final_field_figures(root / "aligned_published_b10", sections),
+                 "deformed": final_field_figures(root / f"aligned_deformed_{DRAW}_b10", sections)}
         return {
             "sections": sections, "stages": stages, "workers": workers,
             "robust_median_px": robust_median, "robust_p95_px": robust_p95,
@@ -176,8 +173,8 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
             "blocks": {b: {**figures(r), "seconds": r["seconds"]} for b, r in runs.items()},
             "unfilled_px": summary(shifts_per_section(unfilled, unfilled_pub)),
             "seconds_published": t_pub,
-            "folds": folded,
-            "field_drift": field_drift,
+            "folds": {stack: figures["folds"] for stack, figures in final.items()},
+            "field_drift": {stack: figures["drift"] for stack, figures in final.items()},
             "draws": {seed: {b: figures(r) for b, r in dr.items()} for seed, dr in draw_runs.items()},
         }
     finally:

@@ -156,7 +156,7 @@ def read_summaries(cpc: CpcInput, sections: Sequence[int], first_z: int) -> None
             cpc.unscored.append(z)
 
 
-# -- the worst windows ------------------------------------------------------------------------------------
+# -- the compose steps' reports ---------------------------------------------------------------------------
 def read_compose_reports(destination: str, sections: Sequence[int]) -> dict[int, dict]:
     """z -> the report its compose step left in its marker (the sections that have one)."""
     markers = Layout(destination).markers
@@ -167,10 +167,8 @@ def read_compose_reports(destination: str, sections: Sequence[int]) -> dict[int,
             if isinstance(marker, dict) and isinstance(marker.get("report"), dict)}
 
 
-def read_folds(destination: str, sections: Sequence[int],
-               reports: dict[int, dict] | None = None) -> dict[int, float]:
+def read_folds(reports: dict[int, dict]) -> dict[int, float]:
     """z -> the share of its final field that folds, for the sections whose compose marker reports one."""
-    reports = read_compose_reports(destination, sections) if reports is None else reports
     return {z: float(r["folded_share"]) for z, r in reports.items() if isinstance(r.get("folded_share"), (int, float))}
 
 
@@ -201,6 +199,7 @@ def read_drift(reports: dict[int, dict]) -> dict[int, Drift]:
     return out
 
 
+# -- the worst windows ------------------------------------------------------------------------------------
 def worst_windows(cpc: CpcInput, image: Layer, count: int) -> list[Window]:
     """The `count` lowest-scoring CPC windows over the sections that have a summary (NaN windows skipped)."""
     layer = cpc.layer
@@ -406,7 +405,7 @@ def build_report(source: str, destination: str, out_dir: Path, *, z_range: tuple
     worst_sections = ranked[:worst]
     windows = worst_windows(after, image, worst)
     compose_reports = read_compose_reports(destination, sections)
-    folds, drift = read_folds(destination, sections, compose_reports), read_drift(compose_reports)
+    folds, drift = read_folds(compose_reports), read_drift(compose_reports)
     log.info("report: %d sections, worst %s, %d worst windows", len(sections), worst_sections, len(windows))
 
     out_dir = Path(out_dir)
@@ -526,12 +525,17 @@ def _percent(share: float | None) -> str:
     return "—" if share is None else f"{100 * share:.1f} %"
 
 
+def _no_compose_reports(status: str, markers: str) -> str:
+    """A header cell for figures that come from the compose steps' markers, when there are none."""
+    return (f'<span class="na">{esc(status)}</span>' + esc(f": no compose step reports under {markers} "
+            "(`seamless align` and the DAGs leave them there)"))
+
+
 def _fold_stats(folds: dict[int, float], sections: Sequence[int], markers: str) -> str:
     """The header's fold figures: the mean share, and the sections above the steps' warning."""
     shares = [folds[z] for z in sections if z in folds]
     if not shares:
-        return ('<span class="na">not counted</span>' + esc(f": no compose step reports under {markers} "
-                "(`seamless align` and the DAGs leave them there)"))
+        return _no_compose_reports("not counted", markers)
     above = [z for z in sections if folds.get(z, 0.0) > FOLD_WARNING_SHARE]
     text = (f"the final field folds on {_percent(float(np.mean(shares)))} of its pixels (mean of {len(shares)} "
             f"sections, most {_percent(max(shares))}); above {_percent(FOLD_WARNING_SHARE)}: "
@@ -547,8 +551,7 @@ def _drift_stats(drift: dict[int, Drift], sections: Sequence[int], markers: str)
     """The header's drift figures: the sections the final fields turn and shift the most."""
     known = [z for z in sections if z in drift]
     if not known:
-        return ('<span class="na">not reported</span>' + esc(f": no compose step reports under {markers} "
-                "(`seamless align` and the DAGs leave them there)"))
+        return _no_compose_reports("not reported", markers)
     turned = max(known, key=lambda z: (abs(drift[z].rotation_deg), -z))
     shifted = max(known, key=lambda z: (drift[z].shift_px, -z))
     bends = [drift[z].bend_px for z in known if drift[z].bend_px is not None]
