@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from align_quality import DRAW, MIN_PEAK, deformed_stack, load_stack, neighbour_correlation, patch_shifts  # noqa: E402
+from align_quality import (DRAW, MIN_PEAK, deformed_stack, every_patch_shifts, load_stack,  # noqa: E402
+                           neighbour_correlation, passing_shifts)
 from report import write_section  # noqa: E402
 from seamless_core.cli import main as seamless  # noqa: E402
 from seamless_core.geometry import BBox  # noqa: E402
@@ -104,20 +105,7 @@ def final_field_figures(destination: Path, sections: int) -> dict[str, tuple[flo
 
 
 def shifts_per_section(a: torch.Tensor, b: torch.Tensor) -> list[np.ndarray]:
-    return [patch_shifts(a[z], b[z])[0] for z in range(1, a.shape[0])]
-
-
-def every_patch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, list[np.ndarray]]:
-    """The share of tissue patches the peak test rejects, and every tissue patch's shift (its argmax,
-    however weak the peak): where most patches are rejected the two results differ non-rigidly, and the
-    every-patch figure is the honest one (docs/benchmarks.md, align-quality section)."""
-    passed = rejected = 0
-    every = []
-    for z in range(1, a.shape[0]):
-        shifts, dropped = patch_shifts(a[z], b[z])
-        passed, rejected = passed + shifts.size, rejected + dropped
-        every.append(patch_shifts(a[z], b[z], min_peak=0.0)[0])
-    return rejected / max(1, passed + rejected), every
+    return passing_shifts(a, b)[0]
 
 
 def summary(per_section: list[np.ndarray]) -> tuple[float, float]:
@@ -129,10 +117,8 @@ def figures(run: dict) -> dict:
     """A deformed run's robustness median / p95 against the block-10 published run, and (`own`) against the
     published run of its own block size."""
     median, p95 = summary(run["per_section"])
-    out = {"median_px": median, "p95_px": p95, "own": summary(run["own"])}
-    if "rejected" in run:
-        out["rejected"], out["every"] = run["rejected"], run["every"]
-    return out
+    return {"median_px": median, "p95_px": p95, "own": summary(run["own"]), "rejected": run["rejected"],
+            "every": run["every"]}
 
 
 def deformed_runs(root: Path, name: str, deformed: torch.Tensor, published_runs: dict, sections: int, stages: str,
@@ -144,13 +130,11 @@ def deformed_runs(root: Path, name: str, deformed: torch.Tensor, published_runs:
     runs = {}
     for block in published_runs:
         aligned, seconds = align(root, f"aligned_{name}_b{block}", src_def, sections, block, stages, workers)
-        per_section = shifts_per_section(aligned, aligned_pub)
+        per_section, rejected = passing_shifts(aligned, aligned_pub)
         # against the same block size's published run (block 10's is the one above)
         own = per_section if block == 10 else shifts_per_section(aligned, published_runs[block][0])
-        runs[block] = {"per_section": per_section, "own": own, "seconds": seconds, "aligned": aligned}
-        if block == 10:
-            rejected, every = every_patch(aligned, aligned_pub)
-            runs[block]["rejected"], runs[block]["every"] = rejected, summary(every)
+        runs[block] = {"per_section": per_section, "own": own, "seconds": seconds, "aligned": aligned,
+                       "rejected": rejected, "every": summary(every_patch_shifts(aligned, aligned_pub))}
     return runs
 
 
@@ -184,7 +168,6 @@ def run(sections: int, stages: str, workers: int, draws: int = 1) -> dict[str, o
         return {
             "sections": sections, "stages": stages, "workers": workers,
             "robust_median_px": robust_median, "robust_p95_px": robust_p95,
-            "robust_rejected": base["rejected"], "robust_every_px": base["every"],
             "neighbour_corr_ratio_published": neighbour_correlation(aligned_pub[:, :1]) / nc_pub,
             "neighbour_corr_ratio_deformed": neighbour_correlation(base["aligned"][:, :1]) / nc_pub,
             "drift_median_px": float(np.median(drift)), "drift_max_px": float(np.max(drift)),
@@ -214,8 +197,8 @@ def table(r: dict) -> str:
         f"| robustness (deformed vs published stack, both aligned, block 10) median / p95 | "
         f"{r['robust_median_px']:.2f} / {r['robust_p95_px']:.2f} px | ≤ 2 / ≤ 5 px |",
         f"| the same: share of tissue patches whose phase-correlation peak is below {MIN_PEAK} (not in the figure "
-        f"above); every tissue patch, median / p95 | {100 * r['robust_rejected']:.0f} %; "
-        f"{r['robust_every_px'][0]:.2f} / {r['robust_every_px'][1]:.2f} px | reported |",
+        f"above); every tissue patch, median / p95 | {100 * ref['rejected']:.0f} %; "
+        f"{ref['every'][0]:.2f} / {ref['every'][1]:.2f} px | reported |",
         f"| neighbour correlation ratio, published / deformed stack aligned | "
         f"{r['neighbour_corr_ratio_published']:.3f} / {r['neighbour_corr_ratio_deformed']:.3f} | 0.95–1.3 |",
         f"| drift of the aligned published stack vs its published geometry, median / max per section | "
