@@ -82,7 +82,8 @@ class ProjectConfig(_Strict):
     bbox: tuple[int, int, int, int] | None = Field(None, description="x0, y0, x1, y1 at MIP 0; default: the whole section")
     sections: SectionRange
     bad_sections: list[int] = Field(default_factory=list, description="missing or damaged sections: aligned, but never a target or block start")
-    stages: str | list[dict[str, Any]] = Field("exact", description="stage preset (exact, serial) or a list of {mip, estimators}")
+    stages: str | list[dict[str, Any]] = Field(
+        "serial", description="stage preset (serial: real neighbours; exact: copies of one section) or a list of {mip, estimators}")
     vote: VoteConfig = Field(default_factory=VoteConfig)
     blocks: BlockConfig = Field(default_factory=BlockConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
@@ -209,10 +210,12 @@ destination: {destination}    # every output layer goes under here (docs/layout.
 sections: {{start: {start}, stop: {stop}}}  # z range; `start` anchors the stack
 # bbox: [0, 0, {width}, {height}]           # x0, y0, x1, y1 at MIP 0 (default: whole section)
 bad_sections: []                       # damaged/missing z: never a target or block start
-stages: exact                          # preset (exact, serial) or a list of {{mip, estimators}}:
+stages: serial                         # serial: block matching at MIP 2, for real neighbouring sections;
+                                       # exact: + finetuner at MIP 1 and 0, exact on copies of one section
+                                       # but it morphs real neighbours into each other (docs/estimators.md);
+                                       # or a list of {{mip, estimators}}, coarse to fine:
 #  - {{mip: 2, estimators: [{{name: block_matching}}]}}
 #  - {{mip: 1, estimators: [{{name: finetuner}}]}}
-#  - {{mip: 0, estimators: [{{name: finetuner}}]}}
 vote: {{k: 3, temperature: 1.0, blur: 2.0}}  # k previous sections vote on each field
 blocks: {{size: 10, decay_dist: 100, fill_targets: true}}  # parallel blocks; stitch corrections fade over
                                        # decay_dist sections; block renders (targets) fill holes from z-1

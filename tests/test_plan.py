@@ -109,7 +109,7 @@ def test_decay_drops_stitches_further_than_decay_dist() -> None:
 
 
 def test_stage_granularity_chains_one_step_per_mip() -> None:
-    plan = build_plan(config(granularity="stage"))
+    plan = build_plan(config(granularity="stage", stages="exact"))
     assert [plan.by_id[f"z7.t1.m{m}.compute_field"].mip for m in (2, 1, 0)] == [2, 1, 0]
     assert deps_of(plan, "z7.t1.m1.compute_field") == {"z7.t1.m2.compute_field", "b001.z6.render"}
     assert "--stage-range" in plan.by_id["z7.t1.m1.compute_field"].args

@@ -32,6 +32,7 @@ PROJECT = """\
 source: {source}
 destination: {destination}
 sections: {{start: 0, stop: {stop}}}
+stages: exact
 blocks: {{size: 4, decay_dist: 1000}}
 vote: {{k: 3}}
 chunk: 128
@@ -149,6 +150,7 @@ def test_init_writes_a_config_that_plans(plumbing, tmp_path, capsys) -> None:
     assert main(["init", "--src", str(stack.path), "--dst", str(tmp_path / "out"), "--out", str(out)]) == ExitCode.OK
     assert main(["plan", str(out)]) == ExitCode.OK
     assert "block 1: sections 10..12" in capsys.readouterr().out
+    assert load_config(out).stages == "serial"  # real neighbours: the exact stages would morph them
     assert main(["init", "--src", str(stack.path), "--dst", str(tmp_path / "out"), "--out", str(out)]) == ExitCode.INVALID_INPUT
 
 
