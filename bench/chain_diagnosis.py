@@ -24,7 +24,10 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
   decay:    as compose with K = 1, but only the affine part of F_{z-1} is carried exactly, its local rest
             decayed by --decay per section (a prototype).
 --deform switches parts of the test's deformation off (crack, debris, elastic, rotation) or rounds the
-translations to whole MIP-2 pixels, to see which part a chain fails on.
+translations to whole MIP-2 pixels, to see which part a chain fails on. --self-shift compares the
+published stack with itself, each section z >= 1 moved by a whole number of MIP-2 pixels (0, +-4 or +-8 px
+at MIP 0 per axis, drawn with --seed-base): exact moves, so an aligner whose output depends only on the
+content gives the same images twice (docs/estimators.md, "The chain against itself").
 --unfold all smooths every estimate and voted field where it folds (bench/fold_repair.py); --unfold output
 only the voted field each section is rendered through, its targets stay as estimated (rendered and filled
 chains). --tear-free F keeps block matching's largest tear-free set of patches. The last lines also give
@@ -35,7 +38,7 @@ last lines give the neighbour-correlation ratios of both chains (bench/align_qua
 Run: .venv/bin/python bench/chain_diagnosis.py [--sections 6] [--stages serial | JSON [+interiorB] [+soft] [+jitter] [+lk]] [--k 3]
      [--vote-blur 2.0] [--vote-temperature 1.0] [--vote softmin|median|mean]
      [--chain rendered|filled|compose|template|affine|solve|decay] [--median 0] [--decay 0.8] [--margin 32]
-     [--montage chains.png] [--seed-base 1000] [--deform crack_opening=0,...] [--unfold none|all|output]
+     [--montage chains.png] [--seed-base 1000] [--deform crack_opening=0,... | --self-shift] [--unfold none|all|output]
      [--tear-free 0.8]
 """
 
@@ -59,6 +62,21 @@ import pair_floor  # noqa: E402
 
 from seamless_core import fields  # noqa: E402
 from seamless_core.vote import vector_vote  # noqa: E402
+
+
+def whole_pixel_shifts(stack: torch.Tensor, seed: int, step: int = 4, most: int = 2) -> torch.Tensor:
+    """The stack with each section z >= 1 moved by (dy, dx), each a random multiple of `step` px up to
+    `most` steps either way (whole MIP-2 pixels at step 4), the emptied strip black; section 0 stays."""
+    rng = np.random.default_rng(seed)
+    out = stack.clone()
+    height, width = stack.shape[-2:]
+    for z in range(1, stack.shape[0]):
+        dy, dx = (int(v) * step for v in rng.integers(-most, most + 1, size=2))
+        moved = torch.zeros_like(stack[z])
+        moved[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
+            stack[z][..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
+        out[z] = moved
+    return out
 
 
 def median_at_mip(field: torch.Tensor, window: int, mip: int = 2) -> torch.Tensor:
@@ -171,6 +189,8 @@ def main() -> None:
     parser.add_argument("--seed-base", type=int, default=quality.DRAW,
                         help="deformation draw: section z is deformed with seed SEED_BASE + z (the recorded figures: "
                         f"{quality.DRAW}); other draws show how much one draw says")
+    parser.add_argument("--self-shift", action="store_true",
+                        help="the published stack against itself moved by whole MIP-2 pixels (no deformation)")
     parser.add_argument("--deform", default="",
                         help="overrides of the test's deformation, key=value,... with keys "
                         f"{', '.join(quality.DEFORMATION_KEYS)} (e.g. crack_opening=0,debris_radius=0,"
@@ -187,6 +207,8 @@ def main() -> None:
         deformation = quality.parse_deformation(args.deform)
     except ValueError as error:
         parser.error(str(error))
+    if args.self_shift and args.deform:
+        parser.error("--self-shift moves the published stack and deforms nothing: leave out --deform")
     if args.unfold == "output" and args.chain not in ("rendered", "filled"):
         parser.error("--unfold output needs --chain rendered or filled (their targets are rendered separately)")
     torch.set_num_threads(args.threads)
@@ -213,7 +235,8 @@ def main() -> None:
     torn_targets = (lambda field, aligned, target: torn_votes.pop() if torn_votes else field) \
         if args.unfold == "output" else None
     stack = quality.load_stack(args.sections)
-    deformed = quality.deformed_stack(stack, args.seed_base, **deformation)
+    deformed = (whole_pixel_shifts(stack, args.seed_base) if args.self_shift
+                else quality.deformed_stack(stack, args.seed_base, **deformation))
 
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k, target_field=torn_targets)[0],

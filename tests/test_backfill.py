@@ -204,7 +204,7 @@ def test_a_block_run_has_the_plans_steps_of_that_block_and_their_deps(tmp_path, 
     assert [s.id for s in runs.external(2, "vote")] == ["z20.vote"]
     assert [s.id for s in runs.external(2, "render")] == ["z20.render"]
     assert runs.external(0) == []
-    assert dag.task_dict["p3.vote"].task_display_name == "z=s+3 mip=0 vote"
+    assert dag.task_dict["p3.vote"].task_display_name == "z=s+3 mip=2 vote"  # serial stages: the field lives at MIP 2
     assert dag.task_dict["p3.vote"].task_group.group_id == "chain"
     assert isinstance(dag.task_dict["wait.stitch"], EarlierBlocksSensor) and dag.task_dict["wait.stitch"].mode == "reschedule"
 
