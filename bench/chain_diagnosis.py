@@ -24,10 +24,10 @@ docs/estimators.md ("Why no finetuner stage for real neighbours") was found this
   decay:    as compose with K = 1, but only the affine part of F_{z-1} is carried exactly, its local rest
             decayed by --decay per section (a prototype).
 --deform switches parts of the test's deformation off (crack, debris, elastic, rotation) or rounds the
-translations to whole MIP-2 pixels, to see which part a chain fails on. --self-shift compares the
-published stack with itself, each section z >= 1 moved by a whole number of MIP-2 pixels (0, +-4 or +-8 px
-at MIP 0 per axis, drawn with --seed-base): exact moves, so an aligner whose output depends only on the
-content gives the same images twice (docs/estimators.md, "The chain against itself").
+translations to whole MIP-2 pixels, to see which part a chain fails on. --self-shift is the
+--deform that leaves only translations of whole MIP-2 pixels up to 8 px (SELF_SHIFT): the published stack
+against itself moved exactly, so an aligner whose output depends only on the content gives the same
+images twice (docs/estimators.md, "The chain against itself").
 --unfold all smooths every estimate and voted field where it folds (bench/fold_repair.py); --unfold output
 only the voted field each section is rendered through, its targets stay as estimated (rendered and filled
 chains). --tear-free F keeps block matching's largest tear-free set of patches. The last lines also give
@@ -63,20 +63,8 @@ import pair_floor  # noqa: E402
 from seamless_core import fields  # noqa: E402
 from seamless_core.vote import vector_vote  # noqa: E402
 
-
-def whole_pixel_shifts(stack: torch.Tensor, seed: int, step: int = 4, most: int = 2) -> torch.Tensor:
-    """The stack with each section z >= 1 moved by (dy, dx), each a random multiple of `step` px up to
-    `most` steps either way (whole MIP-2 pixels at step 4), the emptied strip black; section 0 stays."""
-    rng = np.random.default_rng(seed)
-    out = stack.clone()
-    height, width = stack.shape[-2:]
-    for z in range(1, stack.shape[0]):
-        dy, dx = (int(v) * step for v in rng.integers(-most, most + 1, size=2))
-        moved = torch.zeros_like(stack[z])
-        moved[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
-            stack[z][..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
-        out[z] = moved
-    return out
+#: --self-shift: synthetic.deformed_copy reduced to whole MIP-2-pixel translations of at most 8 px at MIP 0.
+SELF_SHIFT = "crack_opening=0,debris_radius=0,elastic=0,max_rotation_deg=0,max_translation=8,translation_step=4"
 
 
 def median_at_mip(field: torch.Tensor, window: int, mip: int = 2) -> torch.Tensor:
@@ -203,12 +191,12 @@ def main() -> None:
                         help="block matching keeps its largest set of patches linked where neighbouring vectors differ "
                         "by less than this x stride (0: off)")
     args = parser.parse_args()
-    try:
-        deformation = quality.parse_deformation(args.deform)
-    except ValueError as error:
-        parser.error(str(error))
     if args.self_shift and args.deform:
         parser.error("--self-shift moves the published stack and deforms nothing: leave out --deform")
+    try:
+        deformation = quality.parse_deformation(SELF_SHIFT if args.self_shift else args.deform)
+    except ValueError as error:
+        parser.error(str(error))
     if args.unfold == "output" and args.chain not in ("rendered", "filled"):
         parser.error("--unfold output needs --chain rendered or filled (their targets are rendered separately)")
     torch.set_num_threads(args.threads)
@@ -235,8 +223,7 @@ def main() -> None:
     torn_targets = (lambda field, aligned, target: torn_votes.pop() if torn_votes else field) \
         if args.unfold == "output" else None
     stack = quality.load_stack(args.sections)
-    deformed = (whole_pixel_shifts(stack, args.seed_base) if args.self_shift
-                else quality.deformed_stack(stack, args.seed_base, **deformation))
+    deformed = quality.deformed_stack(stack, args.seed_base, **deformation)
 
     chains = {
         "rendered": lambda s: quality.serial_align(s, estimate, args.k, target_field=torn_targets)[0],
